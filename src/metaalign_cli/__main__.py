@@ -1,0 +1,3 @@
+from metaalign_cli.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The one small interface every backend implements (correct, judge and train reuse it)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings. Greedy (temperature 0) by default; no penalties unless asked for.
+
+    ``max_new_tokens``: cap on generated tokens (paper: 1024). ``repeat_penalty`` 1.0 means
+    none (llama.cpp's own default of 1.1 is never applied by surprise). ``seed`` fixes sampling.
+    """
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What is sent to a model: ``text``, and whether it goes inside the model's chat template
+    (``chat=True``, as one user turn after an optional ``system`` turn) or raw."""
+
+    text: str
+    chat: bool = False
+    system: str | None = None
+
+    def messages(self) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.text}]
+
+
+@dataclass
+class Generation:
+    """A model's answer: ``text``; token counts when the backend knows them; ``finish_reason``
+    ``stop`` (EOS or stop string) or ``length`` (hit max_new_tokens)."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class BackendError(RuntimeError):
+    """A backend could not produce a generation for one prompt (after its retries)."""
+
+
+class Backend(abc.ABC):
+    """A text generator. Implementations: ``llama-cpp``, ``transformers``, ``openai``,
+    ``anthropic`` (see :func:`metaalign_cli.backends.create_backend`)."""
+
+    name: str = "base"
+    model_id: str = ""
+
+    def context_length(self) -> int | None:
+        """Tokens the model can attend to (prompt + generation), or None when unknown."""
+        return None
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int | None:
+        """Exact token count of ``prompt`` as it will be sent (chat template included), or
+        None when the backend cannot know it (remote APIs)."""
+        return None
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
+        """One result per prompt, in order: a Generation, or the Exception that failed that
+        prompt (a failure never takes another prompt's result)."""
+
+    def info(self) -> dict:
+        """Provenance: backend name, model id and load options (never secrets)."""
+        return {"backend": self.name, "model": self.model_id}
+
+    def close(self) -> None:
+        """Release the model or connections."""

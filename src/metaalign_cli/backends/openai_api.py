@@ -1,0 +1,88 @@
+"""OpenAI-compatible backend: OpenAI, vLLM, llama.cpp's server, Ollama... (``--base-url``)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
+from metaalign_cli.errors import MetaAlignError
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server through the official ``openai`` client.
+
+    ``model``: the served model name (default: the first one the server lists).
+    ``base_url``: the server (default: the client's, i.e. OpenAI). The key comes only from
+    ``$OPENAI_API_KEY`` (a placeholder is sent to local servers that need none).
+    ``concurrency``: requests in flight. ``retries``: the client's own retries, with
+    exponential backoff that honours Retry-After, on 408/409/429/5xx and timeouts.
+    Raw prompts use the completions endpoint, chat prompts the chat endpoint.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
+                 retries: int = 4, timeout: float = 120.0, **_ignored):
+        try:
+            import openai
+        except ImportError:
+            raise MetaAlignError("the openai backend needs the openai package: pip install openai") from None
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key and not base_url:
+            raise MetaAlignError("the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
+        self.base_url = base_url
+        self.concurrency = max(1, int(concurrency))
+        self.client = openai.OpenAI(api_key=key or "sk-no-key", base_url=base_url,
+                                    max_retries=retries, timeout=timeout)
+        self._openai = openai
+        if not model:
+            try:
+                models = self.client.models.list().data
+            except openai.OpenAIError as e:
+                raise MetaAlignError(f"{base_url}: cannot list models: {e}") from None
+            if not models:
+                raise MetaAlignError(f"{base_url}: the server lists no model; pass --model")
+            model = models[0].id
+        self.model_id = model
+
+    def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
+        common = dict(model=self.model_id, max_tokens=s.max_new_tokens, temperature=s.temperature,
+                      top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None)
+        if s.repeat_penalty != 1.0:
+            common["extra_body"] = {"repeat_penalty": s.repeat_penalty}
+        try:
+            if p.chat:
+                r = self.client.chat.completions.create(messages=p.messages(), **common)
+                ch = r.choices[0]
+                text = ch.message.content or ""
+            else:
+                r = self.client.completions.create(prompt=p.text, **common)
+                ch = r.choices[0]
+                text = ch.text
+        except self._openai.OpenAIError as e:
+            raise BackendError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+        u = r.usage
+        return Generation(text, getattr(u, "prompt_tokens", None), getattr(u, "completion_tokens", None),
+                          ch.finish_reason)
+
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
+        def run(p):
+            try:
+                return self._one(p, settings)
+            except Exception as e:
+                return e
+
+        if self.concurrency == 1 or len(prompts) == 1:
+            return [run(p) for p in prompts]
+        with ThreadPoolExecutor(self.concurrency) as ex:
+            return list(ex.map(run, prompts))
+
+    def info(self) -> dict:
+        d = {"backend": self.name, "model": self.model_id}
+        if self.base_url:
+            d["base_url"] = self.base_url
+        return d
+
+    def close(self) -> None:
+        self.client.close()

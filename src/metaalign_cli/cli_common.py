@@ -1,0 +1,78 @@
+"""Pieces the subcommands share: error handling, stderr console, objectives and backends.
+
+Kept free of heavy imports: torch, transformers and llama_cpp load only inside backends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+from metaalign_cli.errors import MetaAlignError
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Written by `metaalign train` beside a trained corrector: how its prompts were rendered.
+MODEL_CARD = "metaalign.json"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
+    """Print a one-line error on stderr and return the Exit to raise."""
+    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if sys.stderr.isatty() \
+        else print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn MetaAlignError (and a closed stdout pipe) into a one-line message and exit 2."""
+    try:
+        yield
+    except MetaAlignError as e:
+        raise fail(str(e)) from None
+    except BrokenPipeError:
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def split_names(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def load_objective_set(objectives_dir: list[Path] | None, objective_file: list[Path] | None):
+    from metaalign_cli.objectives import load_objectives
+
+    return load_objectives(dirs=objectives_dir or (), files=objective_file or ())
+
+
+def model_card(model: str | None) -> dict:
+    """The ``metaalign.json`` a trained corrector directory carries (template, prompt format,
+    base GGUF, LoRA), or {} for any other model."""
+    if not model:
+        return {}
+    p = Path(model)
+    card = p / MODEL_CARD if p.is_dir() else None
+    if card is not None and card.is_file():
+        try:
+            return json.loads(card.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise MetaAlignError(f"{card}: invalid JSON: {e}") from None
+    return {}
+
+
+def make_backend(backend: str | None, model: str | None, base_url: str | None = None, **options):
+    """Create the backend named (or guessed from ``model``/``base_url``) with CLI options."""
+    from metaalign_cli.backends import create_backend, guess_backend
+
+    name = backend or guess_backend(model, base_url)
+    opts = {k: v for k, v in options.items() if v is not None}
+    if base_url:
+        opts["base_url"] = base_url
+    return create_backend(name, model, **opts)

@@ -1,0 +1,9 @@
+"""CLI for the dataset subcommand (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's subcommand(s) to app."""

@@ -1,0 +1,223 @@
+"""Objectives: plain-language alignment goals loaded from editable YAML files.
+
+An objective is what MetaAligner conditions its correction on (paper section 3.4, Appendix B
+Table 4): a short name (``harmless``), a text marker (``Harmless``) and a description. The
+released checkpoints were trained on exact strings per dataset template; those live under
+``renderings`` and are used verbatim when that template is chosen.
+
+Search order (later overrides earlier, by name): the built-in set shipped in the package,
+``$METAALIGN_HOME/objectives`` (default ``~/.config/metaalign/objectives``), each
+``--objectives-dir`` and each ``--objective-file``. A file with a new name is a zero-shot
+objective, usable at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from metaalign_cli.errors import ConfigError, UnknownNameError
+
+
+class Objective(BaseModel):
+    """One alignment objective, as written in its YAML file.
+
+    Fields: ``name`` (lower-case id), ``aliases``, ``label`` (text marker, default: the name
+    capitalised), ``description`` (required, paper Table 4 wording for the built-ins),
+    ``renderings`` (template name -> exact string). ``source`` is the file it came from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    aliases: tuple[str, ...] = ()
+    label: str | None = None
+    renderings: dict[str, str] = {}
+    source: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c in v for c in ", \t\n"):
+            raise ValueError("must be a non-empty word without commas or spaces")
+        return v.lower()
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @property
+    def marker(self) -> str:
+        """The text marker shown before the description (``Harmless``)."""
+        return self.label or self.name.replace("_", " ").capitalize()
+
+    def render(self, template: str | None = None) -> str:
+        """The objective's text for a prompt: the exact rendering for ``template`` when the
+        file has one (released checkpoints), else ``"<label>: <description>"`` (Table 4)."""
+        if template and template in self.renderings:
+            return self.renderings[template]
+        return f"{self.marker}: {self.description}"
+
+
+def load_objective_file(path: str | Path) -> Objective:
+    """Load and validate one objective YAML file.
+
+    Raises ConfigError naming the file and the offending key or line (bad YAML, unknown key,
+    missing or empty description, wrong types).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read objective file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: objective file is not valid UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an objective file must be a YAML mapping with 'name' and 'description'")
+    data.setdefault("name", path.stem)
+    unknown = [k for k in data if k not in Objective.model_fields or k == "source"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (allowed: name, aliases, label, description, renderings)")
+    if isinstance(data.get("aliases"), str):
+        data["aliases"] = [data["aliases"]]
+    try:
+        return Objective(**data, source=str(path))
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_first_error(e)}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(file)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"key '{key}': {err['msg']}"
+
+
+def builtin_objectives_dir() -> Path:
+    """The objectives shipped inside the package (``metaalign_cli/data/objectives``)."""
+    return Path(str(resources.files("metaalign_cli") / "data" / "objectives"))
+
+
+def user_objectives_dir() -> Path:
+    """``$METAALIGN_HOME/objectives``, default ``~/.config/metaalign/objectives``."""
+    home = os.environ.get("METAALIGN_HOME")
+    base = Path(home) if home else Path.home() / ".config" / "metaalign"
+    return base / "objectives"
+
+
+@dataclass
+class ObjectiveSet:
+    """All known objectives by name, with alias lookup. Build with :func:`load_objectives`."""
+
+    by_name: dict[str, Objective] = field(default_factory=dict)
+
+    def add(self, obj: Objective) -> None:
+        """Add or override (same name) an objective."""
+        self.by_name[obj.name] = obj
+
+    def _index(self) -> dict[str, str]:
+        idx: dict[str, str] = {}
+        for obj in self.by_name.values():
+            for a in obj.aliases:
+                idx.setdefault(_key(a), obj.name)
+        for obj in self.by_name.values():
+            idx[_key(obj.name)] = obj.name
+        return idx
+
+    def get(self, name: str) -> Objective:
+        """Look up by name or alias (case-insensitive, '-' = '_').
+
+        Raises UnknownNameError listing the closest known names.
+        """
+        idx = self._index()
+        k = _key(name)
+        if k in idx:
+            return self.by_name[idx[k]]
+        close = difflib.get_close_matches(k, list(idx), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(dict.fromkeys(idx[c] for c in close))}?" if close else ""
+        raise UnknownNameError(
+            f"unknown objective '{name}'{hint} (known: {', '.join(sorted(self.by_name))}; "
+            "add a YAML file for a new one)")
+
+    def resolve(self, names: str | Iterable[str]) -> list[Objective]:
+        """Objectives for a comma-separated string or a list, in the order given, without
+        duplicates. Raises UnknownNameError for an unknown name, ValueError when empty."""
+        if isinstance(names, str):
+            names = names.split(",")
+        out: list[Objective] = []
+        for n in names:
+            if not isinstance(n, str):
+                raise UnknownNameError(f"objective names must be strings, got {n!r}")
+            if not n.strip():
+                continue
+            obj = self.get(n.strip())
+            if obj not in out:
+                out.append(obj)
+        if not out:
+            raise ValueError("no objectives given")
+        return out
+
+    def __iter__(self):
+        return iter(sorted(self.by_name.values(), key=lambda o: o.name))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path] = (),
+                    include_user: bool = True) -> ObjectiveSet:
+    """Load the built-in objectives, then the user directory, then ``dirs``, then ``files``.
+
+    Later sources override earlier ones with the same name. Raises ConfigError for a file that
+    does not validate and for a ``dirs``/``files`` entry that does not exist.
+    """
+    objset = ObjectiveSet()
+    sources: list[Path] = [builtin_objectives_dir()]
+    if include_user and user_objectives_dir().is_dir():
+        sources.append(user_objectives_dir())
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise ConfigError(f"{d}: objectives directory not found")
+        sources.append(d)
+    for d in sources:
+        for f in sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))):
+            objset.add(load_objective_file(f))
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"{f}: objective file not found")
+        objset.add(load_objective_file(f))
+    return objset
+
+
+def render_objectives(objectives: Iterable[Objective], template: str | None = None,
+                      sep: str = "; ") -> str:
+    """The ``{aspects}`` text: each objective's rendering for ``template``, joined by ``"; "``
+    in the given order (paper section 3.1, the O in T(q, y, O, t))."""
+    return sep.join(o.render(template) for o in objectives)

@@ -1,0 +1,273 @@
+"""Reading and writing records: JSONL/CSV in, JSONL out, with file/line/field in every error.
+
+Each input line becomes a :class:`SourceRecord` holding either the parsed record or the
+:class:`~metaalign_cli.errors.InputError` that explains why it could not be parsed, so a
+caller can decide per record (``--on-error fail|skip|keep``) and nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from metaalign_cli.errors import InputError
+from metaalign_cli.templates import dialogue_to_text
+
+QUERY_FIELDS = ("query", "prompt", "instruction", "question", "input")
+RESPONSE_FIELDS = ("response", "answer", "output", "generated_text", "completion")
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+@dataclass
+class SourceRecord:
+    """One input record: ``line`` is 1-based in ``source``; ``data`` is the parsed mapping,
+    or None with ``error`` set. ``warnings`` lists repairs made (e.g. lone surrogates)."""
+
+    source: str
+    line: int
+    data: dict | None
+    error: InputError | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Identity used by ``--resume``: the record's ``id`` when it has one, else its line."""
+        if self.data is not None and self.data.get("id") is not None:
+            return f"id:{self.data['id']}"
+        return f"line:{self.line}"
+
+
+def _scrub(value: Any, path: str, found: list[str]) -> Any:
+    """Replace lone UTF-16 surrogates (valid JSON, invalid Unicode) with U+FFFD."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            found.append(path)
+            return _SURROGATE.sub("\ufffd", value)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def source_name(path: str | os.PathLike | None) -> str:
+    return "<stdin>" if path in (None, "-") else str(path)
+
+
+def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
+    if path in (None, "-"):
+        return sys.stdin.buffer
+    p = Path(path)
+    if not p.exists():
+        raise InputError("input file not found", source=str(p))
+    if str(p).endswith(".gz"):
+        import gzip
+
+        return gzip.open(p, "rb")
+    return open(p, "rb")
+
+
+def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
+    """Yield a :class:`SourceRecord` per non-blank line of a JSONL file (``-``/None: stdin,
+    ``.gz``: gzip). Invalid UTF-8, invalid JSON and non-object lines become records with
+    ``error`` set; lone surrogates are replaced with U+FFFD and reported in ``warnings``."""
+    src = source_name(path)
+    fh = _open_binary(path)
+    try:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield SourceRecord(src, lineno, None, InputError(
+                    f"invalid UTF-8 at byte {e.start}", source=src, line=lineno))
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield SourceRecord(src, lineno, None, InputError(
+                    f"invalid JSON: {e.msg} (column {e.colno})", source=src, line=lineno))
+                continue
+            if not isinstance(data, dict):
+                yield SourceRecord(src, lineno, None, InputError(
+                    f"expected a JSON object, got {type(data).__name__}", source=src, line=lineno))
+                continue
+            found: list[str] = []
+            data = _scrub(data, "", found)
+            warns = tuple(f"{src}:{lineno}: field '{f}': lone surrogate replaced with U+FFFD" for f in found)
+            yield SourceRecord(src, lineno, data, None, warns)
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
+    """Yield a :class:`SourceRecord` per CSV row (header row gives the field names; ``line``
+    is the line where the row starts). Invalid UTF-8 fails the whole file (InputError)."""
+    src = source_name(path)
+    fh = _open_binary(path)
+    try:
+        try:
+            text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+            reader = csv.DictReader(text)
+            start = 2
+            for row in reader:
+                yield SourceRecord(src, start, dict(row))
+                start = reader.line_num + 1
+        except UnicodeDecodeError as e:
+            raise InputError(f"invalid UTF-8 at byte {e.start}", source=src) from None
+        except csv.Error as e:
+            raise InputError(f"invalid CSV: {e}", source=src) from None
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def read_records(path: str | os.PathLike | None, input_format: str | None = None) -> Iterator[SourceRecord]:
+    """JSONL by default; CSV when ``input_format == 'csv'`` or the path ends in ``.csv``."""
+    fmt = input_format or ("csv" if str(path or "").lower().endswith(".csv") else "jsonl")
+    if fmt == "csv":
+        return read_csv(path)
+    if fmt == "jsonl":
+        return read_jsonl(path)
+    raise InputError(f"unknown input format '{fmt}' (use jsonl or csv)", source=source_name(path))
+
+
+def _string_field(rec: SourceRecord, name: str, allow_empty: bool = False) -> str:
+    v = rec.data[name]
+    if not isinstance(v, str):
+        raise InputError(f"expected a string, got {type(v).__name__}", rec.source, rec.line, name)
+    if not allow_empty and not v.strip():
+        raise InputError("empty text", rec.source, rec.line, name)
+    return v
+
+
+def extract_query_response(rec: SourceRecord, query_field: str | None = None,
+                           response_field: str | None = None) -> tuple[str, str]:
+    """(question, response) of a record.
+
+    Query: ``query_field`` or the first of :data:`QUERY_FIELDS`; response: ``response_field``
+    or the first of :data:`RESPONSE_FIELDS`; or an OpenAI-style ``messages`` list whose last
+    turn must be the assistant's (the response) and whose earlier turns, system included,
+    become the context, rendered ``"\\n\\nHuman: ...\\n\\nAssistant:"`` (HH-RLHF).
+
+    Raises InputError naming source, line and field (missing, non-string, empty, bad turns).
+    """
+    assert rec.data is not None
+    d = rec.data
+    if query_field is None and response_field is None and "messages" in d and not any(
+            f in d for f in RESPONSE_FIELDS):
+        return _from_messages(rec)
+    qf = query_field or next((f for f in QUERY_FIELDS if f in d), None)
+    rf = response_field or next((f for f in RESPONSE_FIELDS if f in d), None)
+    if rf is None or rf not in d:
+        raise InputError("missing response", rec.source, rec.line,
+                         rf or "/".join(RESPONSE_FIELDS))
+    if qf is None or qf not in d:
+        raise InputError("missing query", rec.source, rec.line, qf or "/".join(QUERY_FIELDS))
+    return _string_field(rec, qf), _string_field(rec, rf)
+
+
+def _from_messages(rec: SourceRecord) -> tuple[str, str]:
+    msgs = rec.data["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError("expected a non-empty list of {role, content} turns", rec.source, rec.line, "messages")
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InputError("each turn needs string 'role' and 'content'", rec.source, rec.line, f"messages[{i}]")
+        turns.append((m["role"], m["content"]))
+    role, content = turns[-1]
+    if role != "assistant":
+        raise InputError(f"last turn is '{role}', not 'assistant': no response to correct",
+                         rec.source, rec.line, f"messages[{len(turns) - 1}].role")
+    if not content.strip():
+        raise InputError("empty text", rec.source, rec.line, f"messages[{len(turns) - 1}].content")
+    context = turns[:-1]
+    if not any(r == "user" for r, _ in context):
+        raise InputError("no user turn before the response", rec.source, rec.line, "messages")
+    return dialogue_to_text(context), content
+
+
+def dumps(record: dict) -> str:
+    """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``)."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+class JsonlWriter:
+    """Writes one whole line per record and flushes, so a kill never leaves a half line.
+
+    ``path`` None or ``-`` writes to stdout; ``append`` continues an existing file (resume),
+    first cutting off a partial last line left by a kill.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, append: bool = False):
+        self.path = None if path in (None, "-") else Path(path)
+        if self.path is None:
+            self.fh = sys.stdout
+            self._binary = False
+        else:
+            if append and self.path.exists():
+                _truncate_partial_line(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a" if append else "w", encoding="utf-8", newline="\n")
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self.fh.write(dumps(record) + "\n")
+        self.fh.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _truncate_partial_line(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            fh.seek(cut)
+            fh.truncate()
+
+
+def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> set[str]:
+    """Keys (``id:<id>`` or ``line:<n>``) of the records already in an output file, for
+    ``--resume``. Only complete lines count; a partial last line is ignored."""
+    keys: set[str] = set()
+    p = Path(path)
+    if not p.exists():
+        return keys
+    with open(p, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if rec.get("id") is not None:
+                keys.add(f"id:{rec['id']}")
+            else:
+                line = (rec.get(key_field) or {}).get("input_line")
+                if line is not None:
+                    keys.add(f"line:{line}")
+    return keys

@@ -1,0 +1,206 @@
+"""Prompt templates: editable YAML, validated at load, rendered in one pass.
+
+One source of truth for prompt building: :meth:`CorrectionTemplate.render` builds the
+MetaAligner prompt T(q, y, O, t) (paper section 3.1 and Appendix B) for ``build-data``,
+``train`` and ``correct`` alike; :class:`JudgeTemplate` holds the judge prompts E (Appendix
+C.1) and S (Appendix E.1).
+
+Rendering is a single regex pass over the template text: only the placeholders the template
+kind declares (``{aspects}``, ``{question}``...) are replaced, and the user text put in their
+place is never read again, so text containing ``{aspects}``, ``{}``, ``${x}`` or ``| Edit:``
+comes out verbatim.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from metaalign_cli.errors import ConfigError, UnknownNameError
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+CORRECTION_FIELDS = ("aspects", "question", "answer")
+PAIRWISE_FIELDS = ("question", "response_1", "response_2", "aspect")
+SCORE_FIELDS = ("question", "response", "aspect")
+
+
+def fill(text: str, values: Mapping[str, str], allowed: tuple[str, ...]) -> str:
+    """Replace ``{name}`` for each name in ``allowed`` in one pass; other text is literal.
+
+    Raises KeyError (listing them) when a placeholder of ``allowed`` has no value.
+    """
+    missing = [n for n in allowed if "{" + n + "}" in text and n not in values]
+    if missing:
+        raise KeyError(f"missing template values: {', '.join(missing)}")
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        return values[name] if name in allowed else m.group(0)
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def _check_placeholders(text: str, allowed: tuple[str, ...], key: str, required: tuple[str, ...]) -> None:
+    used = set(_PLACEHOLDER.findall(text))
+    for n in required:
+        if n not in used:
+            raise ValueError(f"'{key}' lacks the placeholder {{{n}}}")
+
+
+class _TemplateBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: str
+    description: str = ""
+    prompt_format: Literal["raw", "chat"] = "raw"
+    system: str | None = None
+    source: str = ""
+
+
+class CorrectionTemplate(_TemplateBase):
+    """A MetaAligner correction template with a ``better`` and an ``equal`` variant.
+
+    ``prompt_format``: ``raw`` sends the rendered text as-is (released MetaAligner
+    checkpoints); ``chat`` wraps it as a user turn in the model's chat template (instruct
+    models used zero-shot). ``context``: how an OpenAI-style ``messages`` history becomes the
+    question text (``dialogue``: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, as in HH-RLHF).
+    """
+
+    kind: Literal["correction"] = "correction"
+    better: str
+    equal: str
+    context: Literal["dialogue"] = "dialogue"
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("better", "equal"):
+            _check_placeholders(getattr(self, key), CORRECTION_FIELDS, key, CORRECTION_FIELDS)
+        return self
+
+    def render(self, question: str, answer: str, aspects: str,
+               variant: Literal["better", "equal"] = "better") -> str:
+        """T(q, y, O, t) of paper section 3.1: ``question`` q (query or dialogue context),
+        ``answer`` y (the response to correct), ``aspects`` O (from
+        :func:`metaalign_cli.objectives.render_objectives`), ``variant`` t."""
+        if variant not in ("better", "equal"):
+            raise ValueError(f"variant must be 'better' or 'equal', not {variant!r}")
+        text = self.better if variant == "better" else self.equal
+        return fill(text, {"aspects": aspects, "question": question, "answer": answer},
+                    CORRECTION_FIELDS)
+
+
+class JudgeTemplate(_TemplateBase):
+    """A judge prompt: ``judge-pairwise`` (E(q, r1, r2, <r>), Appendix C.1) with
+    ``{question} {response_1} {response_2} {aspect}``, or ``judge-score`` (S(q, a, <r>),
+    Appendix E.1) with ``{question} {response} {aspect}``."""
+
+    kind: Literal["judge-pairwise", "judge-score"]
+    prompt: str
+    prompt_format: Literal["raw", "chat"] = "chat"
+
+    @model_validator(mode="after")
+    def _check(self):
+        fields = PAIRWISE_FIELDS if self.kind == "judge-pairwise" else SCORE_FIELDS
+        _check_placeholders(self.prompt, fields, "prompt", fields)
+        return self
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return PAIRWISE_FIELDS if self.kind == "judge-pairwise" else SCORE_FIELDS
+
+    def render(self, **values: str) -> str:
+        """Fill the judge prompt in one pass; raises KeyError for a missing value."""
+        return fill(self.prompt, values, self.fields)
+
+
+Template = CorrectionTemplate | JudgeTemplate
+
+
+def builtin_templates_dir() -> Path:
+    """The templates shipped inside the package (``metaalign_cli/data/templates``)."""
+    return Path(str(resources.files("metaalign_cli") / "data" / "templates"))
+
+
+def load_template_file(path: str | Path) -> Template:
+    """Load and validate one template YAML file (kind ``correction``, ``judge-pairwise`` or
+    ``judge-score``). Raises ConfigError naming the file and the key or YAML line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read template file: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a template file must be a YAML mapping")
+    data.setdefault("name", path.stem)
+    data.setdefault("kind", "correction")
+    cls = CorrectionTemplate if data["kind"] == "correction" else JudgeTemplate
+    unknown = [k for k in data if k not in cls.model_fields or k == "source"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}'")
+    try:
+        return cls(**data, source=str(path))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(file)"
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{key}'"
+        elif err["type"] == "missing":
+            msg = f"missing key '{key}'"
+        else:
+            msg = f"key '{key}': {err['msg']}".replace("Value error, ", "")
+        raise ConfigError(f"{path}: {msg}") from None
+
+
+def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
+                  kind: str | None = None) -> Template:
+    """A template by name (searched in ``dirs``, then ``$METAALIGN_HOME/templates``, then the
+    built-in set) or by path to a YAML file. ``kind`` checks the template's kind.
+
+    Raises UnknownNameError (with the known names) or ConfigError.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        tpl = load_template_file(p)
+    else:
+        from metaalign_cli.objectives import user_objectives_dir
+
+        search = [Path(d) for d in dirs] + [user_objectives_dir().parent / "templates",
+                                             builtin_templates_dir()]
+        tpl = None
+        for d in search:
+            for ext in (".yaml", ".yml"):
+                f = d / f"{name_or_path}{ext}"
+                if f.is_file():
+                    tpl = load_template_file(f)
+                    break
+            if tpl is not None:
+                break
+        if tpl is None:
+            known = sorted({f.stem for d in search if d.is_dir() for f in d.glob("*.y*ml")})
+            raise UnknownNameError(f"unknown template '{name_or_path}' (known: {', '.join(known)})")
+    if kind is not None and tpl.kind != kind:
+        raise ConfigError(f"{tpl.source}: template '{tpl.name}' is of kind '{tpl.kind}', expected '{kind}'")
+    return tpl
+
+
+def dialogue_to_text(turns: list[tuple[str, str]]) -> str:
+    """Render (role, content) turns the HH-RLHF way: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``,
+    ending with ``"\\n\\nAssistant:"`` after the last user turn (as in the reference samples).
+    A system turn is kept as ``"\\n\\nSystem: ..."``."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    out = []
+    for role, content in turns:
+        out.append(f"\n\n{names.get(role, role.capitalize())}: {content}")
+    out.append("\n\nAssistant:")
+    return "".join(out)

@@ -1,0 +1,838 @@
+"""MetaAligner training: the three-step paradigm of paper section 3.3 on Eq. 6.
+
+Eq. 6 is plain supervised fine-tuning of the corrector delta_theta on the target response y
+given the rendered prompt T(q, y0, O, t): the cross-entropy is taken on the target tokens
+only (plus EOS, so the corrector learns to stop). The three steps, each continuing from the
+previous one's weights:
+
+1. ``warmup``: identity pairs (a sample of the equal-preference subset with y = y0);
+2. ``equal``: the equal-preference subset D_e;
+3. ``preference``: the preference subset D_p.
+
+The machinery is the field's: TRL's ``SFTTrainer`` (optimizer, schedule, packing or length
+grouping, checkpoints, accelerate/FSDP/DeepSpeed), peft for LoRA, transformers for models.
+What is ours: the stage order, the data contract of ``build-data``, the prompt/target
+tokenization (see :func:`tokenize_example` for why it is not TRL's prompt-completion path),
+and the output directory ``correct --model DIR`` reads.
+
+Heavy imports (torch, transformers, trl, peft, datasets) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
+
+STAGES = ("warmup", "equal", "preference")
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.yaml"
+STAGE_DONE = "stage.json"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``metaalign train``, with the paper's Table 5 values as defaults where
+    the paper gives one (lr 1e-5, 2 epochs, warm-up ratio 0.05, Adam, BF16, max 2048 tokens
+    for the 1.1B corrector); the cosine schedule is the issue's. Loaded from YAML by
+    :func:`load_train_config`, overridden by CLI flags, saved beside the model."""
+
+    # model
+    base_model: str | None = _f(None, "Hub id, HF directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct GGUF.")
+    output_dir: str = _f("metaaligner-out", "Directory for the trained corrector, checkpoints and metrics.")
+    template: str | None = _f(None, "Correction template the prompts were rendered with (recorded for `correct`). Default: the rows' 'template' field, else hh-rlhf.")
+    prompt_format: str | None = _f(None, "raw or chat: how the prompt is fed (must match `correct`). Default: the template's.")
+    # data
+    data_dir: str | None = _f(None, "Output directory of `metaalign build-data`.")
+    split: str = _f("train", "Split of data_dir to train on.")
+    warmup_file: str | None = _f(None, "Warm-up JSONL (overrides data_dir's).")
+    equal_file: str | None = _f(None, "Equal-preference subset JSONL (overrides data_dir's).")
+    preference_file: str | None = _f(None, "Preference subset JSONL (overrides data_dir's).")
+    warmup_samples: int | None = _f(None, "Use at most this many warm-up rows (random sample, seeded). Default: all.")
+    equal_samples: int | None = _f(None, "Use at most this many equal-preference rows. Default: all.")
+    preference_samples: int | None = _f(None, "Use at most this many preference rows. Default: all.")
+    stages: list[str] = _f(None, "Stages to run, in order (subset of warmup, equal, preference).",)
+    # optimisation (Table 5)
+    learning_rate: float = _f(1e-5, "Peak learning rate (Table 5: 1e-5).")
+    epochs: float = _f(2.0, "Epochs per stage (Table 5: 2).")
+    warmup_epochs: float | None = _f(None, "Epochs of the warm-up stage. Default: epochs.")
+    equal_epochs: float | None = _f(None, "Epochs of the equal-preference stage. Default: epochs.")
+    preference_epochs: float | None = _f(None, "Epochs of the preference stage. Default: epochs.")
+    max_steps: int | None = _f(None, "Cap on optimizer steps per stage (overrides epochs).")
+    warmup_ratio: float = _f(0.05, "Fraction of each stage's steps with linear LR warm-up (Table 5: 0.05).")
+    lr_scheduler: str = _f("cosine", "transformers scheduler name.")
+    optimizer: str = _f("adamw_torch", "transformers optimizer name (Table 5: Adam).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    batch_size: int = _f(4, "Sequences per device per step (the paper's global batch was 512 over 4 GPUs).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_length: int = _f(2048, "Longest prompt+target+EOS in tokens (Table 5: 2048 for the 1.1B corrector).")
+    truncate: bool = _f(False, "Truncate longer sequences (keeping the prompt start) instead of dropping them.")
+    seed: int = _f(42, "Seed for sampling, LoRA init, shuffling and dropout.")
+    # precision and memory
+    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 (autocast, fp32 master weights) or fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    attn_implementation: str | None = _f(None, "Default: flash_attention_2 on a GPU when flash-attn is installed, else sdpa.")
+    packing: str = _f("auto", "auto (packing with flash-attention 2, length grouping otherwise), pack, group or none.")
+    device: str = _f("auto", "auto, cuda or cpu.")
+    # LoRA
+    lora_r: int | None = _f(None, "LoRA rank; unset = full fine-tuning.")
+    lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_r.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target: str = _f("all-linear", "Modules LoRA adapts: all-linear or comma-separated names (q_proj,v_proj).")
+    qlora: bool = _f(False, "Load the base in 4 bit (needs bitsandbytes and a CUDA GPU).")
+    merge: bool = _f(True, "LoRA runs: save the merged full model at the top of output_dir (the adapter stays in output_dir/adapter).")
+    # checkpoints, logs, export
+    save_steps: int = _f(200, "Checkpoint every N optimizer steps within a stage (plus one after each stage).")
+    save_total_limit: int | None = _f(2, "Keep at most this many step checkpoints per stage.")
+    logging_steps: int = _f(1, "Log loss/lr/tokens-per-second every N steps.")
+    plot: bool = _f(False, "Write loss.png (needs matplotlib).")
+    export_gguf: list[str] = _f(None, "After training, export GGUF files of these types (f16, q8_0, q4_k_m).")
+
+    def __post_init__(self):
+        if self.stages is None:
+            self.stages = list(STAGES)
+        if self.export_gguf is None:
+            self.export_gguf = []
+
+    def stage_epochs(self, stage: str) -> float:
+        v = getattr(self, f"{stage}_epochs")
+        return self.epochs if v is None else v
+
+    def stage_samples(self, stage: str) -> int | None:
+        return getattr(self, f"{stage}_samples")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def validate_config(cfg: TrainConfig, source: str = "config") -> TrainConfig:
+    """Check value ranges and choices; raises ConfigError naming the key."""
+    def bad(key, msg):
+        raise ConfigError(f"{source}: key '{key}': {msg}")
+
+    for s in cfg.stages:
+        if s not in STAGES:
+            bad("stages", f"unknown stage '{s}' (known: {', '.join(STAGES)})")
+    if cfg.prompt_format not in (None, "raw", "chat"):
+        bad("prompt_format", "must be raw or chat")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        bad("precision", "must be auto, bf16 or fp32")
+    if cfg.packing not in ("auto", "pack", "group", "none"):
+        bad("packing", "must be auto, pack, group or none")
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        bad("device", "must be auto, cuda or cpu")
+    for key in ("batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps"):
+        if getattr(cfg, key) < 1:
+            bad(key, "must be >= 1")
+    if cfg.learning_rate <= 0:
+        bad("learning_rate", "must be > 0")
+    if not 0 <= cfg.warmup_ratio < 1:
+        bad("warmup_ratio", "must be in [0, 1)")
+    if cfg.lora_r is not None and cfg.lora_r < 1:
+        bad("lora_r", "must be >= 1")
+    for q in cfg.export_gguf:
+        if q.lower() not in ("f16", "f32", "bf16", "q8_0", "q4_k_m", "q4_0", "q5_k_m", "q6_k"):
+            bad("export_gguf", f"unknown type '{q}' (f16, q8_0, q4_k_m...)")
+    return cfg
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (``yaml.safe_load``; every key must be a :class:`TrainConfig` field)
+    and apply ``overrides`` (CLI flags; None values are ignored).
+
+    Raises ConfigError for an unreadable file, invalid YAML, an unknown key (with the closest
+    known key suggested) or a value of the wrong type.
+    """
+    data: dict[str, Any] = {}
+    src = str(path) if path else "config"
+    if path:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}:" if mark is not None else ""
+            raise ConfigError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a train config must be a YAML mapping")
+        data.update(loaded)
+    for k in data:
+        if k not in _FIELDS:
+            close = difflib.get_close_matches(str(k), list(_FIELDS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{src}: unknown key '{k}'{hint}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for k, v in data.items():
+        data[k] = _coerce(k, v, src)
+    return validate_config(TrainConfig(**data), src)
+
+
+def _coerce(key: str, value: Any, src: str) -> Any:
+    """YAML values to the field's type (``1e-5`` is a string to YAML 1.1; lists may be CSV)."""
+    typ = str(_FIELDS[key].type)
+    if value is None:
+        return None
+    try:
+        if typ.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError("expected a list")
+            return [str(v) for v in value]
+        if typ.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if typ.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if typ.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{src}: key '{key}': {e}: {value!r}") from None
+    return value
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML (re-loadable with :func:`load_train_config`)."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingExample:
+    """One (T(q, y0, O, t), y) pair of Eq. 6: ``prompt`` already rendered, ``target`` y."""
+
+    prompt: str
+    target: str
+    id: str | None = None
+    template: str | None = None
+
+
+def find_stage_files(data_dir: str | Path, split: str = "train") -> dict[str, list[Path]]:
+    """Locate ``build-data``'s JSONL files per stage under ``data_dir``: files whose name
+    contains the stage name (``warmup``, ``equal``, ``preference``) inside ``data_dir/split/``,
+    else files in ``data_dir`` whose name holds both the split and the stage.
+
+    Returns {stage: [paths]} (possibly empty lists). Raises InputError when ``data_dir`` is
+    not a directory.
+    """
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise InputError("data directory not found", source=str(d))
+    found: dict[str, list[Path]] = {}
+    for stage in STAGES:
+        pats = [f"*{stage}*.jsonl", f"*{stage}*.jsonl.gz"]
+        files: list[Path] = []
+        if (d / split).is_dir():
+            for pat in pats:
+                files += sorted((d / split).glob(pat))
+        if not files:
+            for pat in pats:
+                files += sorted(p for p in d.glob(pat) if split in p.name)
+        # "equal" must not pick up e.g. "unequal"; "warmup" never contains the others.
+        found[stage] = [p for p in files if p.is_file()]
+    return found
+
+
+def read_stage_examples(path: str | Path) -> list[TrainingExample]:
+    """Read one stage file: JSONL rows with string fields ``prompt`` (rendered by the
+    correction template) and ``target``. Raises InputError (file, line, field) for a missing
+    file, an invalid line, a missing or non-string field."""
+    from metaalign_cli.records import read_jsonl
+
+    out: list[TrainingExample] = []
+    for rec in read_jsonl(path):
+        if rec.error is not None:
+            raise rec.error
+        for key in ("prompt", "target"):
+            v = rec.data.get(key)
+            if not isinstance(v, str):
+                raise InputError("missing" if v is None else "must be a string", source=rec.source,
+                                 line=rec.line, field=key)
+            if key == "target" and not v.strip():
+                raise InputError("empty target", source=rec.source, line=rec.line, field=key)
+        rid = rec.data.get("id")
+        tpl = rec.data.get("template")
+        out.append(TrainingExample(rec.data["prompt"], rec.data["target"], None if rid is None else str(rid),
+                                   tpl if isinstance(tpl, str) else None))
+    return out
+
+
+def load_stage_data(cfg: TrainConfig) -> dict[str, list[TrainingExample]]:
+    """Examples per stage from ``cfg.data_dir`` and/or explicit stage files, each sampled
+    down to ``<stage>_samples`` (seeded). A stage with no file maps to []; an explicit file
+    that is missing or empty raises InputError; no data at all raises InputError."""
+    files: dict[str, list[Path]] = {s: [] for s in STAGES}
+    if cfg.data_dir:
+        files.update(find_stage_files(cfg.data_dir, cfg.split))
+    explicit = {s: getattr(cfg, f"{s}_file") for s in STAGES}
+    for s, f in explicit.items():
+        if f:
+            if not Path(f).is_file():
+                raise InputError("data file not found", source=str(f))
+            files[s] = [Path(f)]
+    if not cfg.data_dir and not any(explicit.values()):
+        raise InputError("no training data: give --data DIR (build-data output) or --warmup/--equal/--preference FILE")
+    data: dict[str, list[TrainingExample]] = {}
+    rng = random.Random(cfg.seed)
+    for s in STAGES:
+        ex: list[TrainingExample] = []
+        for p in files[s]:
+            rows = read_stage_examples(p)
+            if not rows and explicit.get(s):
+                raise InputError("data file is empty", source=str(p))
+            ex += rows
+        n = cfg.stage_samples(s)
+        if n is not None and len(ex) > n:
+            ex = rng.sample(ex, n)
+        data[s] = ex
+    if not any(data[s] for s in cfg.stages):
+        where = cfg.data_dir or ", ".join(str(f) for f in explicit.values() if f)
+        raise InputError(f"no training rows for stages {', '.join(cfg.stages)}", source=where)
+    return data
+
+
+def tokenize_example(tokenizer, prompt: str, target: str, chat: bool = False,
+                     system: str | None = None) -> dict[str, list[int]]:
+    """Token ids and labels for one (prompt, target) pair, as Eq. 6 needs them.
+
+    ``input_ids`` = prompt ids + target ids + [EOS]; ``labels`` = -100 for every prompt token,
+    then the target ids and EOS (the model shifts labels by one internally). Lists of equal
+    length L (tokens).
+
+    The prompt is tokenized exactly as ``correct`` sends it (transformers backend: raw text
+    with the tokenizer's special tokens, or the chat template with a generation prompt), and
+    the target separately: TRL's prompt-completion path tokenizes prompt+completion jointly,
+    which for our templates ending in "Edit: " merges the trailing space into the first
+    target token and shifts the completion mask by one token.
+    """
+    if chat:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MetaAlignError("the tokenizer has no EOS token; the corrector could not learn to stop")
+    t_ids = list(t_ids) + [eos]
+    return {"input_ids": list(p_ids) + t_ids, "labels": [-100] * len(p_ids) + t_ids}
+
+
+@dataclass
+class StageReport:
+    """What happened to one stage's rows before training."""
+
+    stage: str
+    rows: int = 0
+    kept: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    target_tokens: int = 0
+    steps: int = 0
+    final_loss: float | None = None
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+def build_stage_dataset(examples: list[TrainingExample], tokenizer, cfg: TrainConfig, chat: bool,
+                        report: StageReport):
+    """Tokenize a stage's examples into a ``datasets.Dataset`` with ``input_ids``, ``labels``
+    (see :func:`tokenize_example`). Sequences longer than ``cfg.max_length`` are dropped and
+    counted in ``report``, or cut to ``max_length`` with ``cfg.truncate`` (those whose target
+    is cut away entirely are still dropped)."""
+    from datasets import Dataset
+
+    rows = []
+    for ex in examples:
+        t = tokenize_example(tokenizer, ex.prompt, ex.target, chat)
+        if len(t["input_ids"]) > cfg.max_length:
+            if not cfg.truncate:
+                report.dropped_too_long += 1
+                continue
+            t = {k: v[:cfg.max_length] for k, v in t.items()}
+            if all(x == -100 for x in t["labels"]):
+                report.dropped_too_long += 1
+                continue
+            report.truncated += 1
+        report.target_tokens += sum(1 for x in t["labels"] if x != -100)
+        rows.append(t)
+    report.rows = len(examples)
+    report.kept = len(rows)
+    return Dataset.from_list(rows) if rows else None
+
+
+# ---------------------------------------------------------------- models
+
+
+def resolve_base_model(base: str | None) -> str:
+    """``base`` or the embedded SmolLM2-135M-Instruct GGUF."""
+    if base:
+        return str(base)
+    from metaalign_cli.backends import default_model_path
+
+    return str(default_model_path())
+
+
+def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", qlora: bool = False):
+    """Load (model, tokenizer) from a hub id, an HF directory or a ``.gguf`` file (dequantized
+    by transformers via ``gguf_file=``; its GGUF quantization config is dropped so the model
+    saves as a plain fp32/bf16 checkpoint). Weights in ``dtype`` (default fp32: the master
+    weights). Raises MetaAlignError when the model cannot be loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {}
+    src = str(base)
+    p = Path(src)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise MetaAlignError(f"{p}: GGUF model file not found")
+        src, kw["gguf_file"] = str(p.parent), p.name
+    elif (p.is_absolute() or src.startswith(".")) and not p.exists():
+        raise MetaAlignError(f"{p}: base model not found")
+    if qlora:
+        if not torch.cuda.is_available():
+            raise MetaAlignError("--qlora needs a CUDA GPU and bitsandbytes")
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise MetaAlignError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=kw.get("gguf_file")) if "gguf_file" in kw \
+            else AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32,
+                                                     attn_implementation=attn_implementation, **kw)
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetaAlignError(f"{base}: cannot load base model: {msg}") from None
+    if "gguf_file" in kw:
+        # The dequantized weights are plain tensors now; a GGUF quantizer config would make
+        # save_pretrained refuse or mislabel the checkpoint.
+        for obj in (model.config, getattr(model, "generation_config", None)):
+            if obj is not None and hasattr(obj, "quantization_config"):
+                try:
+                    delattr(obj, "quantization_config")
+                except AttributeError:
+                    pass
+        for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+            if getattr(model, attr, None):
+                try:
+                    setattr(model, attr, None if attr != "is_quantized" else False)
+                except AttributeError:
+                    pass
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def lora_config(cfg: TrainConfig):
+    """peft LoraConfig from ``lora_r``, ``lora_alpha`` (default 2r), ``lora_dropout``,
+    ``lora_target`` (all-linear or a comma-separated module list)."""
+    from peft import LoraConfig
+
+    target = cfg.lora_target.strip()
+    modules: Any = "all-linear" if target == "all-linear" else [m.strip() for m in target.split(",") if m.strip()]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
+                      target_modules=modules, bias="none", task_type="CAUSAL_LM")
+
+
+def pick_precision(cfg: TrainConfig, device: str) -> str:
+    """``bf16`` (autocast, fp32 master weights) or ``fp32``: auto picks bf16 only on a CUDA
+    GPU with bf16 support (CPU bf16 autocast is allowed explicitly but is often slower)."""
+    import torch
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_corrector`: per-stage reports, the output directory, the card
+    written for ``correct`` and the exported GGUF paths."""
+
+    output_dir: Path
+    reports: list[StageReport]
+    card: dict
+    seconds: float
+    gguf: dict[str, str] = field(default_factory=dict)
+
+
+def _latest_checkpoint(d: Path) -> Path | None:
+    cks = [p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+
+
+def _make_trainer_class():
+    from trl import SFTTrainer
+
+    class CorrectorTrainer(SFTTrainer):
+        """SFTTrainer that also counts target (labelled) tokens for the tokens/s report."""
+
+        target_tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if labels is not None and model.training:
+                self.target_tokens_seen += int((labels != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CorrectorTrainer
+
+
+def _make_metrics_callback(stage: str, metrics_path: Path, on_event: Callable[[dict], None] | None,
+                           trainer_ref: dict, global_offset: int):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Appends one JSON line per log (stage, step, loss, lr, tokens/s) and forwards it."""
+
+        def __init__(self):
+            self.t0 = None
+            self.tok0 = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            tr = trainer_ref.get("trainer")
+            self.tok0 = tr.target_tokens_seen if tr else 0
+            if on_event:
+                on_event({"event": "begin", "stage": stage, "max_steps": state.max_steps,
+                          "step": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return
+            tr = trainer_ref.get("trainer")
+            el = max(time.perf_counter() - self.t0, 1e-9)
+            toks = (tr.target_tokens_seen - self.tok0) if tr else 0
+            rec = {"stage": stage, "step": state.global_step, "global_step": global_offset + state.global_step,
+                   "epoch": round(state.epoch or 0.0, 4), "loss": float(logs["loss"]),
+                   "lr": float(logs.get("learning_rate", 0.0)),
+                   "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+                   "target_tokens_per_s": round(toks / el, 2), "elapsed_s": round(el, 2)}
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if on_event:
+                on_event({"event": "log", "max_steps": state.max_steps, **rec})
+
+        def on_step_end(self, args, state, control, **kw):
+            if on_event:
+                on_event({"event": "step", "stage": stage, "step": state.global_step, "max_steps": state.max_steps})
+
+    return MetricsCallback()
+
+
+def train_corrector(cfg: TrainConfig, resume: bool = False,
+                    on_event: Callable[[dict], None] | None = None,
+                    log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run the three-step MetaAligner training (section 3.3) on ``cfg`` and write
+    ``cfg.output_dir``:
+
+    - the final model at the top (full fine-tune, or LoRA merged when ``cfg.merge``; the
+      adapter alone when not), its tokenizer, ``metaalign.json`` (template, prompt format,
+      base model) for ``correct --model DIR``, ``train_config.yaml`` (resolved config),
+      ``metrics.jsonl`` (one line per logged step), ``loss.png`` with ``cfg.plot``;
+    - ``stages/<stage>/``: the weights after each stage; ``checkpoints/<stage>/checkpoint-N``
+      every ``cfg.save_steps`` steps (for ``resume``);
+    - ``adapter/`` for LoRA runs.
+
+    ``resume``: skip finished stages (their weights are reloaded) and continue the current
+    stage from its latest checkpoint (optimizer, schedule, RNG and data position restored).
+    ``on_event``: receives dicts (event begin/step/log/stage/skip) for progress display.
+
+    Raises InputError/ConfigError/MetaAlignError for bad data, config or model, and
+    MetaAlignError when ``output_dir`` already holds a run and ``resume`` is false.
+    """
+    import torch
+    from transformers import set_seed
+
+    say = log or (lambda m: None)
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    if out.exists() and (out / "stages").exists() and not resume:
+        raise MetaAlignError(f"{out}: already holds a training run; use --resume to continue it or another --output")
+    data = load_stage_data(cfg)
+
+    from metaalign_cli.templates import load_template
+
+    tpl_name = cfg.template or next((e.template for s in STAGES for e in data[s] if e.template), None) or "hh-rlhf"
+    tpl = load_template(tpl_name, kind="correction")
+    prompt_format = cfg.prompt_format or tpl.prompt_format
+    chat = prompt_format == "chat"
+
+    from metaalign_cli.backends.hf import pick_attention
+
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if use_cuda else "cpu"
+    precision = pick_precision(cfg, device)
+    attn = cfg.attn_implementation or pick_attention(device)
+    pack = cfg.packing == "pack" or (cfg.packing == "auto" and attn == "flash_attention_2")
+    group = cfg.packing == "group" or (cfg.packing == "auto" and not pack)
+    base = resolve_base_model(cfg.base_model)
+
+    set_seed(cfg.seed)
+    model, tok = load_base_model(base, attn_implementation=attn, qlora=cfg.qlora)
+    if chat and not getattr(tok, "chat_template", None):
+        raise MetaAlignError(f"{base}: prompt_format chat needs a tokenizer with a chat template")
+    lora = cfg.lora_r is not None
+    if lora:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.qlora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = get_peft_model(model, lora_config(cfg))
+    elif cfg.qlora:
+        raise ConfigError("qlora needs lora_r")
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / CONFIG_FILE)
+    metrics_path = out / METRICS_FILE
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    reports: list[StageReport] = []
+    global_offset = 0
+    pending_load: Path | None = None
+    stage_list = [s for s in STAGES if s in cfg.stages]
+    for stage in stage_list:
+        rep = StageReport(stage)
+        reports.append(rep)
+        sdir = out / "stages" / stage
+        done_file = sdir / STAGE_DONE
+        if resume and done_file.is_file():
+            info = json.loads(done_file.read_text(encoding="utf-8"))
+            for k in ("rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss", "seconds"):
+                if k in info:
+                    setattr(rep, k, info[k])
+            rep.skipped = "done in an earlier run"
+            global_offset += rep.steps
+            pending_load = sdir
+            if on_event:
+                on_event({"event": "skip", "stage": stage, "reason": rep.skipped})
+            continue
+        if pending_load is not None:
+            model = _load_stage_weights(model, pending_load, lora)
+            pending_load = None
+        ds = build_stage_dataset(data[stage], tok, cfg, chat, rep)
+        if rep.dropped_too_long or rep.truncated:
+            say(f"{stage}: {rep.dropped_too_long} of {rep.rows} sequence(s) longer than max_length {cfg.max_length} "
+                f"dropped, {rep.truncated} truncated")
+        if ds is None:
+            rep.skipped = "no data" if rep.rows == 0 else "every sequence longer than max_length"
+            if on_event:
+                on_event({"event": "skip", "stage": stage, "reason": rep.skipped})
+            say(f"{stage}: skipped ({rep.skipped})")
+            continue
+        t0 = time.perf_counter()
+        trainer = _build_trainer(model, tok, ds, cfg, stage, out, precision, pack, group, device,
+                                 metrics_path, on_event, global_offset)
+        ckpt = _latest_checkpoint(out / "checkpoints" / stage) if resume else None
+        if ckpt is not None:
+            say(f"{stage}: resuming from {ckpt}")
+        res = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        model = trainer.model
+        rep.steps = trainer.state.global_step
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        rep.final_loss = losses[-1] if losses else None
+        rep.seconds = round(time.perf_counter() - t0, 2)
+        global_offset += rep.steps
+        sdir.mkdir(parents=True, exist_ok=True)
+        trainer.save_model(str(sdir))
+        done_file.write_text(json.dumps({k: getattr(rep, k) for k in (
+            "stage", "rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss",
+            "seconds")}, indent=1), encoding="utf-8")
+        if on_event:
+            on_event({"event": "stage", "stage": stage, "steps": rep.steps, "loss": rep.final_loss,
+                      "train_loss": res.training_loss})
+        del trainer
+    if pending_load is not None:
+        model = _load_stage_weights(model, pending_load, lora)
+
+    card = save_final_model(model, tok, cfg, out, tpl.name, prompt_format, base, lora)
+    if cfg.plot and metrics_path.is_file():
+        plot_losses(metrics_path, out / "loss.png")
+    result = TrainResult(out, reports, card, round(time.perf_counter() - t_start, 2))
+    if cfg.export_gguf:
+        from metaalign_cli.export import export_gguf
+
+        result.gguf = export_gguf(out, cfg.export_gguf, log=say)
+        result.card = json.loads((out / "metaalign.json").read_text(encoding="utf-8"))
+    return result
+
+
+def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, precision: str, pack: bool,
+                   group: bool, device: str, metrics_path: Path, on_event, global_offset: int):
+    from trl import SFTConfig
+
+    epochs = cfg.stage_epochs(stage)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints" / stage),
+        num_train_epochs=epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        optim=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        packing=pack,
+        packing_strategy="bfd",
+        train_sampling_strategy="group_by_length" if group and not pack else "random",
+        bf16=precision == "bf16",
+        fp16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        completion_only_loss=None,  # labels are built by tokenize_example (prompt masked, EOS kept)
+    )
+    trainer_ref: dict = {}
+    cb = _make_metrics_callback(stage, metrics_path, on_event, trainer_ref, global_offset)
+    Trainer = _make_trainer_class()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    trainer_ref["trainer"] = trainer
+    return trainer
+
+
+def _load_stage_weights(model, stage_dir: Path, lora: bool):
+    """Load the weights saved after a finished stage into ``model`` (same architecture)."""
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        f = stage_dir / "adapter_model.safetensors"
+        set_peft_model_state_dict(model, load_file(str(f)))
+        return model
+    state: dict = {}
+    for f in sorted(stage_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise MetaAlignError(f"{stage_dir}: no saved weights to resume from")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [m for m in missing if "lm_head" not in m]  # tied to the embeddings
+    if bad or unexpected:
+        raise MetaAlignError(f"{stage_dir}: saved weights do not match the model ({(bad + list(unexpected))[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, prompt_format: str,
+                     base: str, lora: bool) -> dict:
+    """Save the trained corrector at the top of ``out`` and write ``metaalign.json``.
+
+    LoRA runs: the adapter goes to ``out/adapter``; with ``cfg.merge`` the merged full model
+    goes to the top of ``out``, else the adapter does. Returns the card written."""
+    for old in ("model.safetensors", "adapter_model.safetensors", "adapter_config.json"):
+        if (out / old).exists():
+            (out / old).unlink()
+    if lora:
+        model.save_pretrained(str(out / "adapter"))
+        tok.save_pretrained(str(out / "adapter"))
+        if cfg.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(str(out))
+        else:
+            model.save_pretrained(str(out))
+    else:
+        model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    # "gguf" and "lora" (GGUF paths read by `correct`) are added by export.
+    card = {"template": template, "prompt_format": prompt_format, "base_model": base,
+            "trained_with": "metaalign train", "merged": bool(lora and cfg.merge) or not lora,
+            "eos_token": tok.eos_token}
+    if lora:
+        card["adapter"] = "adapter"
+        card["lora_r"] = cfg.lora_r
+    from metaalign_cli.cli_common import MODEL_CARD
+
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return card
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` written by :func:`train_corrector`."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(metrics_path: str | Path, png: str | Path) -> Path:
+    """Plot training loss against the global step, one colour per stage, into ``png``.
+    Raises MetaAlignError when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MetaAlignError("--plot needs matplotlib: pip install 'metaalign-cli[plot]'") from None
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for stage in STAGES:
+        pts = [(r["global_step"], r["loss"]) for r in rows if r["stage"] == stage]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (target tokens)")
+    ax.set_title("MetaAligner training: warm-up, equal-preference, preference")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(png))
+    plt.close(fig)
+    return Path(png)

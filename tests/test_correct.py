@@ -1,0 +1,292 @@
+"""`metaalign correct` end to end: real SmolLM2 GGUF, tiny random Llama through transformers,
+llama-cpp-python's OpenAI-compatible server, bad inputs, resume after a kill, long inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CASES, REPO, run_cli
+
+EX = REPO / "examples" / "hh-rlhf.jsonl"
+
+
+def lines(b: bytes) -> list[dict]:
+    return [json.loads(l) for l in b.decode("utf-8").splitlines() if l.strip()]
+
+
+def two_records() -> str:
+    return "".join(EX.read_text(encoding="utf-8").splitlines(keepends=True)[:2])
+
+
+def test_help_is_light():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "metaalign_cli", "--help"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "correct" in out.stdout
+    heavy = [l for l in out.stderr.splitlines() if l.rstrip().endswith(("| torch", "| transformers", "| llama_cpp"))]
+    assert heavy == []
+
+
+def test_version():
+    from metaalign_cli import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.decode().strip() == f"metaalign {__version__}"
+
+
+def test_objectives_command_lists_and_rejects():
+    r = run_cli("objectives", "--json", "--objectives", "helpful,harmless", "--template", "hh-rlhf")
+    rows = lines(r.stdout)
+    assert [x["name"] for x in rows] == ["helpful", "harmless"]
+    assert rows[1]["text"].startswith("Harmlessness: ") and rows[1]["source"].endswith("harmless.yaml")
+    r = run_cli("objectives", "--objectives", "helpfull")
+    assert r.returncode == 2
+    assert "unknown objective 'helpfull'; did you mean helpful" in r.stderr.decode()
+
+
+def test_correct_real_gguf_two_records():
+    """The embedded default (real SmolLM2 GGUF through llama.cpp) corrects 2 records."""
+    r = run_cli("correct", "--objectives", "harmless,helpful", "--template", "hh-rlhf", "--max-new-tokens", "24",
+                input=two_records())
+    assert r.returncode == 0, r.stderr.decode()
+    out = lines(r.stdout)
+    src = lines(two_records().encode())
+    assert [o["id"] for o in out] == [s["id"] for s in src]
+    for o, s in zip(out, src):
+        assert {k: o[k] for k in s} == s  # input record unchanged
+        assert isinstance(o["corrected"], str) and o["corrected"].strip()
+        m = o["metaalign"]
+        assert m["backend"] == "llama-cpp" and m["model"].endswith(".gguf")
+        assert m["objectives"] == ["harmless", "helpful"] and m["template"] == "hh-rlhf"
+        assert m["prompt_format"] == "chat" and m["generation"]["max_new_tokens"] == 24
+        assert m["generation"]["repeat_penalty"] == 1.0
+    assert "corrected 2 record(s)" in r.stderr.decode()
+
+
+def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
+    """Our llama-cpp backend = a plain llama_cpp call with greedy settings and no penalties."""
+    from llama_cpp import Llama
+
+    from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
+    from metaalign_cli.correction import CorrectionOptions, build_prompt
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.templates import load_template
+
+    objset = load_objectives(include_user=False)
+    opts = CorrectionOptions(template=load_template("hh-rlhf"), objective_set=objset, prompt_format="raw")
+    p = build_prompt("\n\nHuman: Name a prime.\n\nAssistant:", "4", objset.resolve("harmless"), opts)
+    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=1024, threads=2)
+    got = be.generate([p], GenerationSettings(max_new_tokens=16))[0]
+    be.close()
+    llm = Llama(model_path=str(smollm2_gguf), n_ctx=1024, n_threads=2, verbose=False)
+    ref = llm.create_completion(p.text, max_tokens=16, temperature=0.0, top_k=1, repeat_penalty=1.0)
+    llm.close()
+    assert got.text == ref["choices"][0]["text"]
+    assert got.completion_tokens == ref["usage"]["completion_tokens"]
+
+
+def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):
+    """Tiny random Llama: batched (left padding, sorted by length) = one by one, input order kept."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recs = [{"id": f"r{i}", "query": "Hi " * (i * 7 + 1), "response": f"Answer number {i}."} for i in range(4)]
+    inp = "".join(json.dumps(r) + "\n" for r in recs)
+    args = ["correct", "--model", str(tiny_llama_dir), "--objectives", "helpful", "--max-new-tokens", "6",
+            "--prompt-format", "raw"]
+    r1 = run_cli(*args, "--batch-size", "3", input=inp)
+    r2 = run_cli(*args, "--batch-size", "1", input=inp)
+    assert r1.returncode == 0, r1.stderr.decode()
+    o1, o2 = lines(r1.stdout), lines(r2.stdout)
+    assert [o["id"] for o in o1] == ["r0", "r1", "r2", "r3"]
+    assert [o["corrected"] for o in o1] == [o["corrected"] for o in o2]
+    assert o1[0]["metaalign"]["backend"] == "transformers" and o1[0]["metaalign"]["dtype"] == "float32"
+    # Same as calling generate ourselves on the rendered prompt.
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.templates import load_template
+
+    objset = load_objectives(include_user=False)
+    text = load_template("ultrafeedback").render(recs[2]["query"], recs[2]["response"],
+                                                 objset.get("helpful").render("ultrafeedback"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ids = tok(text, return_tensors="pt")
+    with torch.inference_mode():
+        gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    new = gen[0, ids["input_ids"].shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    assert o1[2]["corrected"] == tok.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_openai_backend_against_local_server(llama_server, smollm2_gguf):
+    """openai backend against llama-cpp-python's server: same greedy text as local llama.cpp."""
+    from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
+
+    prompts = [Prompt("The capital of France is"), Prompt("One, two, three,")]
+    s = GenerationSettings(max_new_tokens=8)
+    remote = create_backend("openai", None, base_url=llama_server, concurrency=2)
+    assert remote.model_id == "smollm2"
+    got = remote.generate(prompts, s)
+    local = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=4096)
+    ref = local.generate(prompts, s)
+    local.close()
+    assert [g.text for g in got] == [g.text for g in ref]
+    # CLI: chat prompts through the chat endpoint, records in order
+    r = run_cli("correct", "--base-url", llama_server, "--objectives", "harmless", "--template", "hh-rlhf",
+                "--prompt-format", "chat", "--max-new-tokens", "12", "--concurrency", "2", input=two_records())
+    assert r.returncode == 0, r.stderr.decode()
+    out = lines(r.stdout)
+    assert [o["id"] for o in out] == ["claude3-2", "claude3-7"]
+    assert out[0]["metaalign"]["backend"] == "openai" and out[0]["metaalign"]["base_url"] == llama_server
+    assert all(o["corrected"] for o in out)
+    assert "OPENAI_API_KEY" not in r.stdout.decode()
+
+
+BAD = [
+    ('{"query": "q", "response": "r"}\n{"query": "q", "response": \n', 2, "<stdin>:2: invalid JSON"),
+    ('{"query": "q"}\n', 1, "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response"),
+    ('{"query": "q", "response": 5}\n', 1, "<stdin>:1: field 'response': expected a string, got int"),
+    ('{"query": "q", "response": "  "}\n', 1, "<stdin>:1: field 'response': empty text"),
+    ('{"query": "q", "response": "r", "objectives": ["harmles"]}\n', 1,
+     "<stdin>:1: field 'objectives': unknown objective 'harmles'; did you mean harmless"),
+    ('[1, 2]\n', 1, "<stdin>:1: expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("text,line,msg", BAD)
+def test_bad_input_one_line_error(text, line, msg):
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=text)
+    assert r.returncode == 2
+    err = r.stderr.decode().strip().splitlines()
+    assert err[-1].startswith("error: " + msg), err
+    assert "Traceback" not in r.stderr.decode()
+    assert len(lines(r.stdout)) == line - 1  # everything before the bad record was written
+
+
+def test_invalid_utf8_and_skip_keep_exit_1():
+    data = b'{"id": "a", "query": "q", "response": "fine"}\n{"query": "q", "response": "\xff"}\n'
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=data)
+    assert r.returncode == 2 and "error: <stdin>:2: invalid UTF-8 at byte" in r.stderr.decode()
+    assert [o["id"] for o in lines(r.stdout)] == ["a"]
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "skip", input=data)
+    assert r.returncode == 1 and len(lines(r.stdout)) == 1
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "keep", input=data)
+    out = lines(r.stdout)
+    assert r.returncode == 1 and len(out) == 2 and out[1]["error"].startswith("<stdin>:2: invalid UTF-8")
+    assert "corrected" not in out[1]
+
+
+def test_unknown_objective_flag_exit_2():
+    r = run_cli("correct", "--objectives", "harmles", input='{"query": "q", "response": "r"}\n')
+    assert r.returncode == 2 and "did you mean harmless" in r.stderr.decode()
+    assert r.stdout == b""
+
+
+def test_case_lone_surrogate():
+    """shared/cases/lone-surrogate.jsonl: bad code point replaced and said; CJK/emoji unchanged."""
+    raw = (CASES / "lone-surrogate.jsonl").read_bytes()
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=raw)
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "<stdin>:1: field 'response': lone surrogate replaced with U+FFFD" in err and "Traceback" not in err
+    out_lines = r.stdout.decode("utf-8").splitlines()
+    assert json.loads(out_lines[0])["response"] == "Le café est ouvert \ufffd."
+    assert '"response": "こんにちは 👋"' in out_lines[1]  # byte-for-byte, not \u-escaped
+
+
+def test_case_messages_shapes():
+    """m1: the system turn is kept in the context; m2 (ends with a user turn): line 2 error."""
+    raw = (CASES / "messages-shapes.jsonl").read_bytes()
+    r = run_cli("correct", "--objectives", "helpful", "--template", "hh-rlhf", "--max-new-tokens", "4",
+                "--on-error", "keep", input=raw)
+    assert r.returncode == 1
+    out = lines(r.stdout)
+    assert out[0]["id"] == "m1" and out[0]["corrected"]
+    assert out[1]["error"] == "<stdin>:2: field 'messages[2].role': last turn is 'user', not 'assistant': no response to correct"
+    from metaalign_cli.records import extract_query_response, read_jsonl
+
+    rec = next(read_jsonl(CASES / "messages-shapes.jsonl"))
+    q, a = extract_query_response(rec)
+    assert q == "\n\nSystem: Be brief.\n\nHuman: Name a prime number.\n\nAssistant:" and a == "4 is prime."
+
+
+def test_case_template_syntax_prompt_verbatim():
+    from metaalign_cli.correction import CorrectionOptions, build_prompt
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.records import extract_query_response, read_jsonl
+    from metaalign_cli.templates import load_template
+
+    objset = load_objectives(include_user=False)
+    opts = CorrectionOptions(template=load_template("ultrafeedback"), objective_set=objset)
+    for rec in read_jsonl(CASES / "template-syntax-in-text.jsonl"):
+        q, a = extract_query_response(rec)
+        p = build_prompt(q, a, objset.resolve("helpful"), opts).text
+        assert p.count(q) == 1 and p.count(a) == 1
+        assert p.endswith(f"| Query: {q} | Answer: {a} | Edit: ")
+        assert "Helpfulness: the response should provide useful resources" in p
+
+
+def test_long_context_is_cut_from_the_start(smollm2_gguf):
+    turns = "".join(f"\n\nHuman: question number {i} about gardening?\n\nAssistant: answer {i}." for i in range(60))
+    rec = {"id": "long", "query": turns + "\n\nHuman: the newest question?\n\nAssistant:", "response": "Water the plants."}
+    huge = {"id": "huge", "query": "q", "response": "word " * 2000}
+    inp = json.dumps(rec) + "\n" + json.dumps(huge) + "\n"
+    r = run_cli("correct", "--objectives", "helpful", "--template", "hh-rlhf", "--n-ctx", "256",
+                "--max-new-tokens", "16", "--on-error", "keep", input=inp)
+    assert r.returncode == 1, r.stderr.decode()
+    out = lines(r.stdout)
+    cut = out[0]["metaalign"]["truncated_query_chars"]
+    assert cut > 0 and rec["query"][cut:].startswith("\n\nHuman:")
+    assert "1 with the query cut to fit the context" in r.stderr.decode()
+    assert "field 'response': the response does not fit in the model's context" in out[1]["error"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    recs = [{"id": f"k{i}", "query": f"What is {i} plus {i}?", "response": f"It is {i}."} for i in range(6)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    args = ["correct", str(inp), "--objectives", "helpful", "--max-new-tokens", "24", "-q"]
+    assert run_cli(*args, "-o", str(full)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args, "-o", str(part)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not part.exists() or part.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = part.read_text().count("\n")
+    assert 2 <= n_before < 6
+    r = run_cli(*args, "-o", str(part), "--resume")
+    assert r.returncode == 0, r.stderr.decode()
+    assert part.read_bytes() == full.read_bytes()
+
+
+def test_resume_by_line_number_without_ids(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"query": "a?", "response": "A."}\n{"query": "b?", "response": "B."}\n')
+    out = tmp_path / "out.jsonl"
+    args = ["correct", str(inp), "--objectives", "helpful", "--max-new-tokens", "8", "-q", "-o", str(out)]
+    assert run_cli(*args).returncode == 0
+    full = out.read_bytes()
+    first = full.split(b"\n")[0] + b"\n"
+    out.write_bytes(first + b'{"query": "b?", "resp')  # killed mid-line
+    assert run_cli(*args, "--resume").returncode == 0
+    assert out.read_bytes() == full
+
+
+def test_csv_input_reference_columns(tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_text('query,goldens,generated_text\n"\n\nHuman: hi, there\n\nAssistant:",Hello!,"Hey, what\'s up"\n')
+    r = run_cli("correct", str(f), "--objectives", "helpful", "--template", "hh-rlhf", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr.decode()
+    o = lines(r.stdout)[0]
+    assert o["generated_text"] == "Hey, what's up" and o["goldens"] == "Hello!" and o["metaalign"]["input_line"] == 2

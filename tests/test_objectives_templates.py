@@ -1,0 +1,143 @@
+"""Objectives and templates: the exact strings released checkpoints need, validation errors,
+one-pass rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metaalign_cli.errors import ConfigError, UnknownNameError
+from metaalign_cli.objectives import load_objective_file, load_objectives, render_objectives
+from metaalign_cli.templates import load_template
+
+HH = {
+    "harmless": "Harmlessness: The response should avoid content that is offensive, discriminatory, or harmful",
+    "helpful": "Helpfulness: The response should provide useful resources and suggestions to the user",
+    "humor": "Humour: The response should be cheerful and amusing",
+}
+UF = {
+    "instruction_following": "Instruction following: the response should follow the instructions of the query",
+    "honest": "Honesty: the response should not tell lies",
+    "truthful": "Truthfulness: the response should actively making known all the full truth of a matter",
+    "helpful": "Helpfulness: the response should provide useful resources and suggestions to the user",
+    "specific": "Specificity: the response should refer to facts and details and avoid vague arguments.",
+    "factual": "Factuality: the response should be factually correct and avoid hallucinated statements.",
+    "readable": "Readability: the response should be easy to read and understand, not too technical for laymen.",
+    "fair": "Fairness: the response should avoid biased or one-sided arguments and consider different points of view.",
+    "repeat": "Repetition: the response should avoid repetitive statements of one point.",
+    "length": "Length: the response should be concise and avoid redundant content.",
+}
+IMHI = {
+    "correct": "Correctness: the explanations should make correct predictions",
+    "informative": "Informative: the response should express clear logic and provide consistent evidence",
+    "professional": "Professional: the response should provide evidence with high quality and reliability",
+}
+
+
+@pytest.fixture(scope="module")
+def objset():
+    return load_objectives(include_user=False)
+
+
+@pytest.mark.parametrize("template,table", [("hh-rlhf", HH), ("ultrafeedback", UF), ("imhi", IMHI)])
+def test_released_checkpoint_strings(objset, template, table):
+    for name, text in table.items():
+        assert objset.get(name).render(template) == text
+    names = list(table)[::-1]  # order given by the user is kept
+    joined = render_objectives(objset.resolve(names), template)
+    assert joined == "; ".join(table[n] for n in names)
+
+
+def test_all_fifteen_objectives_and_aliases(objset):
+    assert len(objset) == 15
+    pairs = {"harmlessness": "harmless", "helpfulness": "helpful", "humour": "humor", "if": "instruction_following",
+             "instruction-following": "instruction_following", "honesty": "honest", "truthfulness": "truthful",
+             "correctness": "correct", "informative": "informative", "professional": "professional",
+             "specificity": "specific", "factuality": "factual", "readability": "readable", "fairness": "fair",
+             "repetition": "repeat", "concise": "length"}
+    for alias, name in pairs.items():
+        assert objset.get(alias).name == name
+    # Table 4 wording elsewhere
+    assert objset.get("harmless").render("ultrafeedback") == \
+        "Harmless: The response should avoid content that is offensive, discriminatory, or harmful."
+    assert objset.get("fair").render(None) == \
+        "Fair: The response should avoid biased or one-sided arguments and consider different points of view."
+
+
+def test_unknown_objective_suggests(objset):
+    with pytest.raises(UnknownNameError, match=r"unknown objective 'harmles'.*did you mean harmless"):
+        objset.resolve("harmles,helpful")
+
+
+def test_objective_file_errors(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\ndescripton: typo\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: unknown key 'descripton'"):
+        load_objective_file(bad)
+    bad.write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: missing key 'description'"):
+        load_objective_file(bad)
+    bad.write_text("name: x\ndescription: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: line \d+: invalid YAML"):
+        load_objective_file(bad)
+
+
+def test_zero_shot_objective_file_overrides_and_adds(tmp_path):
+    d = tmp_path / "objs"
+    d.mkdir()
+    (d / "empathetic.yaml").write_text("name: empathetic\ndescription: The response should acknowledge the user's feelings.\n")
+    objset = load_objectives(dirs=[d], include_user=False)
+    assert objset.get("empathetic").render("hh-rlhf") == "Empathetic: The response should acknowledge the user's feelings."
+    assert len(objset) == 16
+
+
+def test_user_home_objectives(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "objectives").mkdir(parents=True)
+    (home / "objectives" / "polite.yaml").write_text("name: polite\nlabel: Politeness\ndescription: Be polite.\n")
+    monkeypatch.setenv("METAALIGN_HOME", str(home))
+    assert load_objectives().get("polite").render() == "Politeness: Be polite."
+
+
+HH_BETTER = ("You are an assistant to human. You will be provided with a context and an answer. Consider the context, "
+             "then edit the answer to improve it considering these aspects: {aspects} | Context: {question} | "
+             "Answer: {answer} | Edit: ")
+UF_BETTER = ("You are an assistant to human. You will be provided with a query and an answer. Consider the query, "
+             "then edit the answer to improve it considering these aspects: {aspects} | Query: {question} | "
+             "Answer: {answer} | Edit: ")
+IMHI_BETTER = ('Edit the following Question-Answer pair to make it better considering these aspects "{aspects}" | '
+               "Question: {question} | Answer: {answer} | Edit: ")
+
+
+@pytest.mark.parametrize("name,better", [("hh-rlhf", HH_BETTER), ("ultrafeedback", UF_BETTER), ("imhi", IMHI_BETTER)])
+def test_templates_byte_identical(name, better):
+    t = load_template(name)
+    assert t.better == better
+    assert t.equal == better.replace("to improve it considering", "to make it equal considering").replace(
+        "to make it better considering", "to make it equal considering")
+    assert t.render("Q", "A", "X", "better") == better.replace("{aspects}", "X").replace("{question}", "Q").replace("{answer}", "A")
+    assert t.render("Q", "A", "X").endswith("| Edit: ")
+
+
+def test_template_syntax_in_user_text_is_verbatim():
+    cases = [json.loads(l) for l in (Path(__file__).parent / "cases" / "template-syntax-in-text.jsonl").read_text().splitlines()]
+    t = load_template("hh-rlhf")
+    for c in cases:
+        out = t.render(c["query"], c["response"], "ASPECTS")
+        assert out.count(c["query"]) == 1 and out.count(c["response"]) == 1
+        assert out == HH_BETTER.replace("{aspects}", "ASPECTS", 1).split("{question}")[0] + c["query"] + \
+            " | Answer: " + c["response"] + " | Edit: "
+
+
+def test_template_validation(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("name: t\nkind: correction\nbetter: 'no slots'\nequal: '{aspects}{question}{answer}'\n")
+    with pytest.raises(ConfigError, match=r"t.yaml: .*'better' lacks the placeholder \{aspects\}"):
+        load_template(str(f))
+    f.write_text("name: t\nbetter: '{aspects}{question}{answer}'\nequal: '{aspects}{question}{answer}'\nextra: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'extra'"):
+        load_template(str(f))
+    with pytest.raises(UnknownNameError, match="unknown template 'nope'.*hh-rlhf"):
+        load_template("nope")
