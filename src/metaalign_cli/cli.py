@@ -34,7 +34,7 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                                  help="Print the version and exit.")):
     """MetaAligner from the command line."""
 

@@ -215,16 +215,17 @@ class ReadOptions:
     limit: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def objective_name(self, aspect: str, where: InputError | None = None) -> str:
+    def objective_name(self, aspect: str, source: str | None = None, line: int | None = None) -> str:
         """Canonical objective name of a source aspect (after ``objective_map``). Raises
-        UnknownNameError naming the aspect and, when known, where it was found."""
-        if aspect in self._cache:
-            return self._cache[aspect]
+        UnknownNameError naming the aspect and, when given, the file and line."""
+        name = self._cache.get(aspect)
+        if name is not None:
+            return name
         mapped = self.objective_map.get(aspect, aspect)
         try:
             name = self.objective_set.get(mapped).name
         except UnknownNameError as e:
-            at = f"{where.source}:{where.line}: " if where is not None and where.source else ""
+            at = f"{source}:{line}: " if source else ""
             raise UnknownNameError(f"{at}{e} (map it with --objective-map {aspect}=OBJECTIVE)") from None
         self._cache[aspect] = name
         return name
@@ -269,12 +270,21 @@ def build_dynamic_dataset(pairs: Iterable[RatedPair], objective_set: ObjectiveSe
         return objs[name]
 
     tname = template.name
+    aspects_text: dict[tuple[str, ...], str] = {}  # {aspects} per objective order (bounded below)
+
+    def aspects(names: list[str]) -> str:
+        key = tuple(names)
+        text = aspects_text.get(key)
+        if text is None:
+            text = render_objectives([objective(n) for n in names], tname)
+            if len(aspects_text) < 4096:
+                aspects_text[key] = text
+        return text
 
     def item(p: RatedPair, kind: str, stage: str, y0: str, target: str, names: list[str],
              variant: str, prompt: str | None = None) -> DatasetItem:
         if prompt is None:
-            prompt = template.render(p.query, y0, render_objectives([objective(n) for n in names], tname),
-                                     variant)
+            prompt = template.render(p.query, y0, aspects(names), variant)
         return DatasetItem(f"{p.pair_id}:{kind}", stage, p.query, y0, list(names), target, prompt,
                            variant, tname, p.source)
 
@@ -328,12 +338,22 @@ def split_for_query(query: str, validation_ratio: float, test_ratio: float = 0.0
 
 def load_excluded_queries(paths: Iterable[str | os.PathLike], field_name: str = "query") -> frozenset[str]:
     """Normalised queries from the ``field_name`` column/field of CSV/JSONL files (e.g. the
-    paper's test queries in ``metaaligner-samples/hh-rlhf/*.csv``).
+    paper's test queries in ``metaaligner-samples/hh-rlhf/*.csv``); a path with ``*``/``?``
+    that is not a file is a glob pattern.
 
     Raises InputError when a file is missing or a row lacks the field.
     """
+    import glob
+
     out: set[str] = set()
-    for path in paths:
+    files: list[str] = []
+    for path in map(str, paths):
+        # A quoted pattern ('samples/*.csv') is expanded here; a plain path must exist.
+        matched = sorted(glob.glob(path)) if any(c in path for c in "*?[") and not Path(path).exists() else [path]
+        if not matched:
+            raise InputError("no file matches this pattern", source=path)
+        files += matched
+    for path in files:
         for rec in _rows(path):
             if rec.error is not None:
                 raise rec.error
@@ -412,6 +432,15 @@ def guess_format(data: dict, source: str = "") -> str:
         return "pairwise" if any(f in data for f in QUERY_FIELDS) else "hh-rlhf"
     raise InputError(f"cannot guess the input format from the fields {sorted(data)[:8]}; "
                      f"use --format ({', '.join(INPUT_FORMATS)})", source=source)
+
+
+def guess_file_format(path: str | os.PathLike) -> str | None:
+    """The format of a file's first parsable row (:func:`guess_format`), None when it has none.
+    Raises InputError (missing file, unguessable fields)."""
+    for r in _rows(path):
+        if r.data is not None:
+            return guess_format(r.data, str(path))
+    return None
 
 
 def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | None, opts: ReadOptions,
@@ -546,8 +575,7 @@ def _scores(r: _Row, c: dict, fmt: str, label: str, opts: ReadOptions, stats: Bu
         stats.problem("bad_value", _err(r, "expected an object", f"{label}.{key}"))
         return out
     for aspect, v in raw.items():
-        where = _err(r, "", f"{label}.{key}.{aspect}")
-        name = opts.objective_name(aspect, where)
+        name = opts.objective_name(aspect, r.source, r.line)
         if not opts.wanted(name) or name in out:
             continue
         fld = f"{label}.{key}.{aspect}"
@@ -576,6 +604,9 @@ def _read_multi(r: _Row, fmt: str, stem: str, opts: ReadOptions, default_objs, s
         stats.problem(reason, _err(r, "missing" if items is None else "expected a list", list_key))
         return
     n = len(items)
+    if n < 2:
+        stats.problem("missing_field", _err(r, f"needs at least 2 responses to compare, found {n}", list_key))
+        return
     all_pairs = n * (n - 1) // 2
     query = _query(r, d, stats, all_pairs)
     if query is None or _excluded(query, opts, stats, all_pairs):
@@ -663,7 +694,7 @@ def _labels(r: _Row, d: dict, opts: ReadOptions, default_objs, stats: BuildStats
         return None
     rel = []
     for aspect, v in labels.items():
-        name = opts.objective_name(aspect, _err(r, "", f"labels.{aspect}"))
+        name = opts.objective_name(aspect, r.source, r.line)
         if not opts.wanted(name) or any(n == name for n, _ in rel):
             continue
         if v is None or (isinstance(v, str) and v.strip().lower() in UNKNOWN_RATINGS):

@@ -32,6 +32,7 @@ class OpenAIBackend(Backend):
         if not key and not base_url:
             raise MetaAlignError("the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
         self.base_url = base_url
+        self.self_hosted = bool(base_url) and "api.openai.com" not in base_url
         self.concurrency = max(1, int(concurrency))
         self.client = openai.OpenAI(api_key=key or "sk-no-key", base_url=base_url,
                                     max_retries=retries, timeout=timeout)
@@ -49,7 +50,9 @@ class OpenAIBackend(Backend):
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
         common = dict(model=self.model_id, max_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None)
-        if s.repeat_penalty != 1.0:
+        if self.self_hosted or s.repeat_penalty != 1.0:
+            # llama.cpp's server applies repeat_penalty 1.1 unless told otherwise: say 1.0
+            # explicitly so no penalty is added that the user did not ask for.
             common["extra_body"] = {"repeat_penalty": s.repeat_penalty}
         try:
             if p.chat:
