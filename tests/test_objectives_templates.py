@@ -141,3 +141,14 @@ def test_template_validation(tmp_path):
         load_template(str(f))
     with pytest.raises(UnknownNameError, match="unknown template 'nope'.*hh-rlhf"):
         load_template("nope")
+
+
+def test_loop_guard_detection():
+    from metaalign_cli.backends.base import is_looping
+
+    assert not is_looping(list(range(100)))
+    assert is_looping([1, 2] + [7, 8, 9] * 20)  # period 3, span >= 48
+    assert not is_looping([7, 8, 9] * 10)  # 30 tokens: below the minimum span
+    assert is_looping([5] * 48) and not is_looping([5] * 47)
+    cycle = list(range(40))
+    assert is_looping([0] * 3 + cycle * 3) and not is_looping(cycle * 2 + [99])

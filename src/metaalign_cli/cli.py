@@ -105,6 +105,8 @@ def correct_cmd(
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="1.0 = none."),
     seed: int = typer.Option(0, "--seed"),
+    loop_guard: bool = typer.Option(True, "--loop-guard/--no-loop-guard",
+                                    help="Stop a generation whose tail repeats (finish_reason 'loop')."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Records per generation call (transformers batch)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight (openai/anthropic)."),
     n_ctx: int = typer.Option(4096, "--n-ctx", min=64, help="Context tokens (llama-cpp)."),
@@ -143,7 +145,8 @@ def correct_cmd(
         if model is None and card == {} and lora is None and not quiet:
             console.print("[dim]using the embedded demo model SmolLM2-135M-Instruct (tiny; see README for a real corrector)[/]")
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, repeat_penalty=repeat_penalty, seed=seed)
+                                      top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
+                                      loop_guard=loop_guard)
         opts = CorrectionOptions(template=tpl, objective_set=objset, objectives=objs, settings=settings,
                                  prompt_format=prompt_format, system=system, query_field=query_field,
                                  response_field=response_field, output_field=output_field,
@@ -175,7 +178,8 @@ def correct_cmd(
         rate = report.written / report.seconds if report.seconds else 0.0
         tps = report.generated_tokens / report.seconds if report.seconds else 0.0
         console.print(f"corrected {report.corrected} record(s), {report.failed} failed, "
-                      f"{report.resumed} already done, {report.truncated} with the query cut to fit the context; "
+                      f"{report.resumed} already done, {report.truncated} with the query cut to fit the context, "
+                      f"{report.looped} stopped in a repetition loop; "
                       f"{rate:.2f} records/s, {tps:.1f} generated tokens/s", markup=False)
     raise typer.Exit(EXIT_FAILED if report.failed else EXIT_OK)
 

@@ -54,13 +54,14 @@ class CorrectionOptions:
 class CorrectionReport:
     """Counts of a run: ``written`` records (corrected or kept with ``error``), ``failed``
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
-    cut from the start of the query), ``generated_tokens``, ``seconds``."""
+    cut from the start of the query), ``looped`` (stopped by the loop guard), ``generated_tokens``, ``seconds``."""
 
     written: int = 0
     corrected: int = 0
     failed: int = 0
     resumed: int = 0
     truncated: int = 0
+    looped: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -196,6 +197,7 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
         writer.write(out)
         report.written += 1
         report.corrected += 1
+        report.looped += g.finish_reason == "loop"
         report.generated_tokens += g.completion_tokens or 0
         if on_progress:
             on_progress(report.written + report.failed, report.generated_tokens)

@@ -21,6 +21,7 @@ class GenerationSettings:
     repeat_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    loop_guard: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +57,27 @@ class Generation:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: int = 3) -> bool:
+    """True when the end of ``tokens`` (generated token ids) is a loop: the last
+    ``max(min_span, min_repeats * p)`` tokens repeat with some period ``p <= max_period``.
+
+    Greedy decoding of small correctors often falls into such loops until the token cap; the
+    backends stop there and report ``finish_reason == "loop"`` (the loop guard).
+    """
+    n = len(tokens)
+    if n < min_span:
+        return False
+    tail = list(tokens[-(max(min_span, min_repeats * max_period)):])
+    m = len(tail)
+    for p in range(1, max_period + 1):
+        span = max(min_span, min_repeats * p)
+        if span > m:
+            break
+        if all(tail[i] == tail[i - p] for i in range(m - span + p, m)):
+            return True
+    return False
 
 
 class BackendError(RuntimeError):

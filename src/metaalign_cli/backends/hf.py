@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -150,6 +150,8 @@ class TransformersBackend(Backend):
                 torch.manual_seed(settings.seed)
             if settings.stop:
                 kw.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+            if settings.loop_guard:
+                kw["stopping_criteria"] = _loop_criteria(width)
             try:
                 with torch.inference_mode():
                     out = self.model.generate(input_ids=input_ids.to(self.device),
@@ -160,11 +162,12 @@ class TransformersBackend(Backend):
                 continue
             for row, (i, ids) in enumerate(chunk):
                 new = out[row, width:].tolist()
-                finish = "length"
-                for k, t in enumerate(new):
-                    if t in eos_ids:
-                        new, finish = new[:k], "stop"
-                        break
+                cut = next((k for k, t in enumerate(new) if t in eos_ids or t == pad), None)
+                new = new if cut is None else new[:cut]
+                if settings.loop_guard and is_looping(new):
+                    finish = "loop"
+                else:
+                    finish = "length" if cut is None else "stop"
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
                 if settings.stop:
                     for s in settings.stop:
@@ -176,3 +179,17 @@ class TransformersBackend(Backend):
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id, "device": self.device,
                 "dtype": str(self.dtype).replace("torch.", ""), "attn_implementation": self.attn}
+
+
+def _loop_criteria(prompt_width: int):
+    """A transformers StoppingCriteria that ends rows whose generated tail loops."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class LoopGuard(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            gen = input_ids[:, prompt_width:]
+            done = [gen.shape[1] % 8 == 0 and is_looping(row.tolist()) for row in gen]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([LoopGuard()])

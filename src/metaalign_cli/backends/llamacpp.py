@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -82,14 +82,30 @@ class LlamaCppBackend(Backend):
         for p in prompts:
             try:
                 toks, stop = self._tokens(p)
+                looped = []
+                criteria = None
+                if settings.loop_guard:
+                    from llama_cpp import StoppingCriteriaList
+
+                    start = len(toks)
+
+                    def guard(ids, _logits, start=start, looped=looped):
+                        gen = ids[start:]
+                        if len(gen) % 8 == 0 and is_looping(gen):
+                            looped.append(True)
+                            return True
+                        return False
+
+                    criteria = StoppingCriteriaList([guard])
                 r = self.llm.create_completion(
                     prompt=toks, max_tokens=settings.max_new_tokens,
                     temperature=settings.temperature, top_p=settings.top_p,
                     top_k=settings.top_k, min_p=0.0, repeat_penalty=settings.repeat_penalty,
-                    seed=settings.seed, stop=list(settings.stop) + stop or None)
+                    seed=settings.seed, stop=list(settings.stop) + stop or None,
+                    stopping_criteria=criteria)
                 ch = r["choices"][0]
-                out.append(Generation(ch["text"], r["usage"]["prompt_tokens"],
-                                      r["usage"]["completion_tokens"], ch.get("finish_reason")))
+                out.append(Generation(ch["text"], r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"],
+                                      "loop" if looped else ch.get("finish_reason")))
             except Exception as e:  # one failed prompt never takes another's result
                 out.append(e)
         return out
