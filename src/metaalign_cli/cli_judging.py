@@ -44,6 +44,7 @@ def judge_cmd(
     api_retries: int = typer.Option(4, "--api-retries", min=0, help="Client retries on 429/5xx/timeouts, exponential backoff honouring Retry-After."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Cap on the judge's answer tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable), e.g. $'\\n' for raw prompts."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache (SQLite). [default: $METAALIGN_HOME/cache/judge.sqlite or ~/.cache/metaalign/judge.sqlite]"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the cache."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print calls, cached calls and estimated input tokens as JSON; call nothing."),
@@ -88,7 +89,12 @@ def judge_cmd(
         tpl = load_template(template or kind, kind=kind)
         items = judging.load_judge_items(read_records(input, input_format), objset, objs, mode, golden_field,
                                          candidate_field or None, query_field, id_field)
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        empty = [it for it in items if it.golden is not None and not it.golden.strip()]
+        if empty and not quiet:
+            console.print(f"warning: {len(empty)} record(s) have an empty golden response (first: {empty[0].source}:"
+                          f"{empty[0].line}); they are judged against empty text", markup=False)
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                      stop=tuple(stop or ()))
         opts = judging.JudgeOptions(template=tpl, mode=mode, settings=settings, seed=seed, both_orders=both_orders,
                                     retries=retries, concurrency=concurrency, rpm=rpm or None,
                                     prompt_format=prompt_format, system=system)
@@ -108,6 +114,15 @@ def judge_cmd(
                           "answers; pass --model/--base-url for a real judge)[/]")
         be = make_backend(backend, model, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
                           device=device, dtype=dtype, concurrency=1, retries=api_retries, timeout=timeout, seed=seed)
+        if done_rows:
+            mine = judging.judge_info(be, opts)
+            same = ("backend", "model", "template", "prompt_format", "settings", "seed", "both_orders")
+            theirs = done_rows[0].get("judge") or {}
+            diff = [k for k in same if theirs.get(k) != mine.get(k)]
+            if diff:
+                be.close()
+                raise fail(f"{output}: its rows were judged with another {', '.join(diff)}; cannot resume "
+                           f"(use the same judge flags, or a new -o file)")
         store = None if no_cache else judging.JudgeCache(cache or judging.default_cache_path())
         try:
             if dry_run:
@@ -164,36 +179,38 @@ def judge_cmd(
     raise typer.Exit(EXIT_OK)
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _ci(ci) -> str:
-    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+def _pct(x, ci=None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" + (f"\n[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def _print_summary(summ: dict, console) -> None:
     from rich.table import Table
 
     if summ["mode"] == "score":
-        table = Table("objective", "candidate", "n", "invalid", "mean [95% CI]", "median", "sd", "vs baseline",
-                      title="scores 0-10 (Appendix E)")
+        table = Table("objective", "candidate", "n", "inv.", "mean\n(95% CI)", "median", "sd", "vs\nbaseline",
+                      title="scores 0-10 (Appendix E)", box=None, pad_edge=False)
         for r in summ["results"]:
             ci = r["mean_ci"]
-            mean = "-" if r["mean"] is None else f"{r['mean']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            mean = "-" if r["mean"] is None else f"{r['mean']:.2f}" + (f"\n[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
             md = r.get("mean_difference")
             table.add_row(r["objective"], r["candidate"], str(r["n"]), str(r["invalid"]), mean,
                           "-" if r["median"] is None else str(r["median"]), "-" if r["sd"] is None else f"{r['sd']:.2f}",
                           "" if md is None else f"{md:+.2f}")
     else:
-        table = Table("objective", "candidate", "n", "W/T/L", "invalid", "win rate % [95% CI]",
-                      "(W+T/2)/n % [95% CI]", "advantage % [95% CI]", title="win rate vs golden (Algorithm 2)")
+        table = Table(title="win rate vs golden (Algorithm 2)", box=None, pad_edge=False)
+        for name in ("objective", "candidate"):
+            table.add_column(name, no_wrap=True, min_width=9)
+        for name in ("W/T/L", "inv.", "win %\n95% CI", "(W+T/2)/n %\n95% CI", "advantage %\n95% CI"):
+            table.add_column(name, no_wrap=True)
         for r in summ["results"]:
             adv = r.get("advantage")
-            table.add_row(r["objective"], r["candidate"], str(r["n"]), f"{r['wins']}/{r['ties']}/{r['losses']}",
-                          str(r["invalid"]), _pct(r["win_rate"]) + _ci(r["win_rate_ci"]),
-                          _pct(r["win_rate_ties_half"]) + _ci(r["win_rate_ties_half_ci"]),
-                          "" if adv is None else f"{100 * adv:+.1f}" + _ci(r.get("advantage_ci")))
+            adv_s = "" if adv is None else f"{100 * adv:+.1f}" + (
+                f"\n[{100 * r['advantage_ci'][0]:+.1f}, {100 * r['advantage_ci'][1]:+.1f}]" if r.get("advantage_ci") else "")
+            table.add_row(r["objective"], r["candidate"], f"{r['wins']}/{r['ties']}/{r['losses']}", str(r["invalid"]),
+                          _pct(r["win_rate"], r["win_rate_ci"]), _pct(r["win_rate_ties_half"], r["win_rate_ties_half_ci"]),
+                          adv_s)
     console.print(table)
     run = summ["run"]
     extra = f"; position consistency {summ['position_consistency']:.1%}" if "position_consistency" in summ else ""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 from metaalign_cli import __version__
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
 from metaalign_cli.records import QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response
@@ -65,7 +65,7 @@ class ParsedAnswer(NamedTuple):
 # surrounding whitespace and one trailing period are tolerated, nothing else.
 _VERDICT = re.compile(r"(?:([012])|\[\[([012])\]\])\.?")
 _SCORE = re.compile(r"(?:(10|[0-9])|\[\[(10|[0-9])\]\])\.?")
-_ECHO = re.compile(r"RESPONSE|QUERY\s*:", re.IGNORECASE)
+_ECHO = re.compile(r"RESPONSE\s*\d?\s*:|QUERY\s*:|\| RESPONSE")  # the prompt's own markers
 _MAX_ANSWER_CHARS = 12
 
 
@@ -76,7 +76,7 @@ def _parse_strict(text: str | None, pattern: re.Pattern, expected: str) -> Parse
     if not s:
         return ParsedAnswer(None, "empty answer")
     if _ECHO.search(s):
-        return ParsedAnswer(None, "answer echoes the prompt or a response instead of giving " + expected)
+        return ParsedAnswer(None, "answer echoes the prompt instead of giving " + expected)
     if len(s) > _MAX_ANSWER_CHARS:
         return ParsedAnswer(None, f"answer is {len(s)} characters of text, not {expected}")
     m = pattern.fullmatch(s)
@@ -253,8 +253,8 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
     Records are aligned by ``id_field``: when any record has one, every record must, and ids
     must be unique; when none has one, the line number is the id. Raises InputError naming
     source, line and field for any bad record (unparsable line, missing/duplicate id,
-    missing or non-string field, empty golden, unknown objective). Empty candidates are kept
-    (a weak response can be empty).
+    missing or non-string field, unknown objective). Empty candidates and goldens are kept (a
+    weak response can be empty; the paper's samples hold a few empty goldens).
     """
     recs = list(records)
     for r in recs:
@@ -292,7 +292,7 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
         gf = golden_field or next((f for f in GOLDEN_FIELDS if f in d), None)
         golden = None
         if gf is not None and gf in d:
-            golden = _text(r, gf, allow_empty=False)
+            golden = _text(r, gf, allow_empty=True)  # the reference data has a few empty goldens
         elif mode == "pairwise":
             raise InputError("missing golden response", r.source, r.line, gf or "/".join(GOLDEN_FIELDS))
 
@@ -505,7 +505,7 @@ def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: Judge
         with lock:
             report.calls += 1
         if not isinstance(g, Generation):
-            error = f"{type(g).__name__}: {g}".splitlines()[0]
+            error = (str(g) if isinstance(g, BackendError) else f"{type(g).__name__}: {g}").splitlines()[0]
             last = ParsedAnswer(None, f"judge call failed: {error}")
             with lock:
                 report.call_failures += 1
@@ -735,7 +735,7 @@ def win_rate_stats(rows: list[dict]) -> dict:
            "win_rate_ci": [_r(x) for x in wilson_interval(w, n)] if n else None,
            "win_rate_ties_half": _r((w + 0.5 * t) / n) if n else None}
     mi = mean_interval([_SCORE_OF[r["outcome"]] for r in rows if r["outcome"] in _SCORE_OF])
-    out["win_rate_ties_half_ci"] = [_r(mi[1]), _r(mi[2])] if mi else None
+    out["win_rate_ties_half_ci"] = [_r(max(0.0, mi[1])), _r(min(1.0, mi[2]))] if mi else None
     pairs = [r for r in rows if "consistent" in r and r["outcome"] != "invalid"]
     if pairs:
         c = sum(bool(r["consistent"]) for r in pairs)
@@ -744,7 +744,8 @@ def win_rate_stats(rows: list[dict]) -> dict:
     return out
 
 
-def paired_advantage(rows_c: list[dict], rows_b: list[dict], value: Callable[[dict], float | None]) -> dict:
+def paired_advantage(rows_c: list[dict], rows_b: list[dict], value: Callable[[dict], float | None],
+                     bound: float = 1.0) -> dict:
     """The paper's advantage (Algorithm 2 line 24, Table 2 "+"): value(candidate) minus
     value(baseline), paired by record.
 
@@ -753,7 +754,7 @@ def paired_advantage(rows_c: list[dict], rows_b: list[dict], value: Callable[[di
     valid units (the paper's difference of win rates); the interval is
     ``advantage_paired`` +- 1.96 * sd(d) / sqrt(m) with d the per-record differences over
     the ``paired_n`` = m records where both are valid (equal to ``advantage`` when nothing is
-    invalid).
+    invalid), clipped to [-bound, bound] (1 for rates, 10 for scores).
     """
     vc = {json.dumps(r["record_id"]): value(r) for r in rows_c}
     vb = {json.dumps(r["record_id"]): value(r) for r in rows_b}
@@ -763,7 +764,8 @@ def paired_advantage(rows_c: list[dict], rows_b: list[dict], value: Callable[[di
     diffs = [vc[k] - vb[k] for k in vc if k in vb and vc[k] is not None and vb[k] is not None]
     mi = mean_interval(diffs)
     return {"advantage": _r(adv), "advantage_paired": _r(statistics.fmean(diffs)) if diffs else None,
-            "advantage_ci": [_r(mi[1]), _r(mi[2])] if mi else None, "paired_n": len(diffs)}
+            "advantage_ci": [_r(max(-bound, mi[1])), _r(min(bound, mi[2]))] if mi else None,
+            "paired_n": len(diffs)}
 
 
 def score_stats(rows: list[dict]) -> dict:
@@ -774,7 +776,7 @@ def score_stats(rows: list[dict]) -> dict:
     inv = sum(r["outcome"] == "invalid" for r in rows)
     mi = mean_interval([float(x) for x in s])
     return {"n": len(s), "invalid": inv, "mean": _r(statistics.fmean(s)) if s else None,
-            "mean_ci": [_r(mi[1]), _r(mi[2])] if mi else None,
+            "mean_ci": [_r(max(0.0, mi[1])), _r(min(10.0, mi[2]))] if mi else None,
             "median": statistics.median(s) if s else None,
             "sd": _r(statistics.stdev(s)) if len(s) > 1 else None,
             "distribution": {str(k): s.count(k) for k in range(11)}}
@@ -808,7 +810,7 @@ def summarize(rows: list[dict], mode: Mode, candidates: list[str] | None = None,
             if mode == "score":
                 entry.update(score_stats(rs))
                 if c != base and by.get((o, base)):
-                    d = paired_advantage(rs, by[(o, base)], lambda r: float(r["score"]) if r["outcome"] == "scored" else None)
+                    d = paired_advantage(rs, by[(o, base)], lambda r: float(r["score"]) if r["outcome"] == "scored" else None, 10.0)
                     entry.update({"mean_difference": d["advantage"], "mean_difference_paired": d["advantage_paired"],
                                   "mean_difference_ci": d["advantage_ci"], "paired_n": d["paired_n"]})
             else:
