@@ -153,8 +153,12 @@ def correct_cmd(
                                  on_error=on_error, batch_size=batch_size)
         records = read_records(input, input_format)
         skip = done_keys(output) if resume else None
-        be = make_backend(backend, card.get("gguf") or model, base_url, n_ctx=n_ctx, threads=threads,
-                          n_gpu_layers=n_gpu_layers, lora_path=lora or card.get("lora"), device=device,
+        # A trained corrector's directory may hold a GGUF export (and GGUF LoRA) for llama.cpp;
+        # the transformers backend loads the HF model at the top of the directory instead.
+        use_gguf = bool(card.get("gguf")) and backend in (None, "llama-cpp")
+        model_arg = card["gguf"] if use_gguf else model
+        be = make_backend(backend, model_arg, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
+                          lora_path=lora or (card.get("lora") if use_gguf else None), device=device,
                           dtype=dtype, batch_size=batch_size, concurrency=concurrency, seed=seed)
         progress = _progress(quiet)
         try:

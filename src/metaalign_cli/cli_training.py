@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from metaalign_cli.cli_common import cli_errors, console, fail
+from metaalign_cli.cli_common import cli_errors, console
 
 
 def register(app: typer.Typer) -> None:
@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any TrainConfig key (see configs/train.yaml); flags override it."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Output directory of `metaalign build-data` (DIR/train/{warmup,equal,preference}.jsonl)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", "-d", metavar="DIR", help="Output directory of `metaalign build-data` (DIR/train/{warmup,equal,preference}.jsonl); repeatable."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of --data to train on. [default: train]"),
     warmup: Optional[str] = typer.Option(None, "--warmup", help="Warm-up stage JSONL (overrides --data's)."),
     equal: Optional[str] = typer.Option(None, "--equal", help="Equal-preference subset JSONL (overrides --data's)."),

@@ -56,7 +56,7 @@ class TrainConfig:
     template: str | None = _f(None, "Correction template the prompts were rendered with (recorded for `correct`). Default: the rows' 'template' field, else hh-rlhf.")
     prompt_format: str | None = _f(None, "raw or chat: how the prompt is fed (must match `correct`). Default: the template's.")
     # data
-    data_dir: str | None = _f(None, "Output directory of `metaalign build-data`.")
+    data_dir: list[str] = _f(None, "Output directories of `metaalign build-data` (their stage files are concatenated).")
     split: str = _f("train", "Split of data_dir to train on.")
     warmup_file: str | None = _f(None, "Warm-up JSONL (overrides data_dir's).")
     equal_file: str | None = _f(None, "Equal-preference subset JSONL (overrides data_dir's).")
@@ -107,6 +107,8 @@ class TrainConfig:
             self.stages = list(STAGES)
         if self.export_gguf is None:
             self.export_gguf = []
+        if self.data_dir is None:
+            self.data_dir = []
 
     def stage_epochs(self, stage: str) -> float:
         v = getattr(self, f"{stage}_epochs")
@@ -147,6 +149,8 @@ def validate_config(cfg: TrainConfig, source: str = "config") -> TrainConfig:
         bad("warmup_ratio", "must be in [0, 1)")
     if cfg.lora_r is not None and cfg.lora_r < 1:
         bad("lora_r", "must be >= 1")
+    if cfg.qlora and cfg.lora_r is None:
+        bad("qlora", "needs lora_r (QLoRA trains a LoRA adapter on a 4-bit base)")
     for q in cfg.export_gguf:
         if q.lower() not in ("f16", "f32", "bf16", "q8_0", "q4_k_m", "q4_0", "q5_k_m", "q6_k"):
             bad("export_gguf", f"unknown type '{q}' (f16, q8_0, q4_k_m...)")
@@ -292,8 +296,9 @@ def load_stage_data(cfg: TrainConfig) -> dict[str, list[TrainingExample]]:
     down to ``<stage>_samples`` (seeded). A stage with no file maps to []; an explicit file
     that is missing or empty raises InputError; no data at all raises InputError."""
     files: dict[str, list[Path]] = {s: [] for s in STAGES}
-    if cfg.data_dir:
-        files.update(find_stage_files(cfg.data_dir, cfg.split))
+    for d in cfg.data_dir:
+        for s, fs in find_stage_files(d, cfg.split).items():
+            files[s] += fs
     explicit = {s: getattr(cfg, f"{s}_file") for s in STAGES}
     for s, f in explicit.items():
         if f:
@@ -316,7 +321,7 @@ def load_stage_data(cfg: TrainConfig) -> dict[str, list[TrainingExample]]:
             ex = rng.sample(ex, n)
         data[s] = ex
     if not any(data[s] for s in cfg.stages):
-        where = cfg.data_dir or ", ".join(str(f) for f in explicit.values() if f)
+        where = ", ".join(cfg.data_dir) or ", ".join(str(f) for f in explicit.values() if f)
         raise InputError(f"no training rows for stages {', '.join(cfg.stages)}", source=where)
     return data
 
@@ -404,11 +409,23 @@ def resolve_base_model(base: str | None) -> str:
     return str(default_model_path())
 
 
+def check_base_path(base: str) -> None:
+    """Raise MetaAlignError when ``base`` names a local file or directory that does not
+    exist (a ``.gguf`` path, an absolute or ./relative path, or an existing parent dir)."""
+    p = Path(base)
+    local = p.suffix == ".gguf" or p.is_absolute() or base.startswith(".") or p.parent.is_dir() and p.parent != Path(".")
+    if local and not p.exists():
+        raise MetaAlignError(f"{p}: base model not found")
+    if p.suffix == ".gguf" and not p.is_file():
+        raise MetaAlignError(f"{p}: GGUF model file not found")
+
+
 def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", qlora: bool = False):
     """Load (model, tokenizer) from a hub id, an HF directory or a ``.gguf`` file (dequantized
     by transformers via ``gguf_file=``; its GGUF quantization config is dropped so the model
     saves as a plain fp32/bf16 checkpoint). Weights in ``dtype`` (default fp32: the master
     weights). Raises MetaAlignError when the model cannot be loaded."""
+    check_base_path(base)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -416,11 +433,7 @@ def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", ql
     src = str(base)
     p = Path(src)
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise MetaAlignError(f"{p}: GGUF model file not found")
         src, kw["gguf_file"] = str(p.parent), p.name
-    elif (p.is_absolute() or src.startswith(".")) and not p.exists():
-        raise MetaAlignError(f"{p}: base model not found")
     if qlora:
         if not torch.cuda.is_available():
             raise MetaAlignError("--qlora needs a CUDA GPU and bitsandbytes")
@@ -453,9 +466,48 @@ def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", ql
                     setattr(model, attr, None if attr != "is_quantized" else False)
                 except AttributeError:
                     pass
+        _fix_gguf_tokenizer(p, tok, model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _fix_gguf_tokenizer(path: Path, tok, model) -> None:
+    """Make the tokenizer transformers builds from a GGUF match the file as llama.cpp reads
+    it: BOS/EOS/padding ids from the file's metadata (transformers 5.17 read SmolLM2's EOS as
+    ``<|im_start|>``, which would teach the corrector to stop on the wrong token), and the
+    ``smollm`` pre-tokenizer's one-digit split when the converted tokenizer lacks it."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    fields = GGUFReader(str(path)).fields
+    ids = {}
+    for role in ("bos", "eos", "padding"):
+        f = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if f is not None:
+            ids[role] = int(f.parts[f.data[0]][0])
+    pre = fields.get("tokenizer.ggml.pre")
+    pre = bytes(pre.parts[pre.data[0]]).decode("utf-8") if pre is not None else None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if pre == "smollm" and backend is not None and type(backend.pre_tokenizer).__name__ == "ByteLevel":
+        from tokenizers import pre_tokenizers
+
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if "eos" in ids:
+        tok.eos_token = tok.convert_ids_to_tokens(ids["eos"])
+        model.config.eos_token_id = ids["eos"]
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = ids["eos"]
+    if "bos" in ids:
+        tok.bos_token = tok.convert_ids_to_tokens(ids["bos"])
+    if "padding" in ids:
+        tok.pad_token = tok.convert_ids_to_tokens(ids["padding"])
+        model.config.pad_token_id = ids["padding"]
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = ids["padding"]
 
 
 def lora_config(cfg: TrainConfig):
@@ -502,10 +554,16 @@ def _latest_checkpoint(d: Path) -> Path | None:
 
 
 def _make_trainer_class():
+    from transformers import Trainer
     from trl import SFTTrainer
 
     class CorrectorTrainer(SFTTrainer):
-        """SFTTrainer that also counts target (labelled) tokens for the tokens/s report."""
+        """SFTTrainer (data preparation, collation, packing, schedule, checkpoints) whose loss
+        is the model's own token-averaged cross-entropy on the labels (Eq. 6), as in
+        transformers' Trainer. SFTTrainer's loss path also computes per-token entropy and
+        accuracy over the whole vocabulary at every step: for SmolLM2's 49k vocabulary on a
+        CPU that cost 2.4x the time and 1.6x the peak memory (bench/train_throughput.py).
+        Also counts target (labelled) tokens for the tokens/s report."""
 
         target_tokens_seen = 0
 
@@ -513,7 +571,8 @@ def _make_trainer_class():
             labels = inputs.get("labels")
             if labels is not None and model.training:
                 self.target_tokens_seen += int((labels != -100).sum())
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
     return CorrectorTrainer
@@ -582,22 +641,29 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     Raises InputError/ConfigError/MetaAlignError for bad data, config or model, and
     MetaAlignError when ``output_dir`` already holds a run and ``resume`` is false.
     """
-    import torch
-    from transformers import set_seed
-
     say = log or (lambda m: None)
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     if out.exists() and (out / "stages").exists() and not resume:
         raise MetaAlignError(f"{out}: already holds a training run; use --resume to continue it or another --output")
+    # Cheap checks first: bad data or a missing model file fail before torch loads.
     data = load_stage_data(cfg)
+    base = resolve_base_model(cfg.base_model)
+    check_base_path(base)
 
     from metaalign_cli.templates import load_template
 
-    tpl_name = cfg.template or next((e.template for s in STAGES for e in data[s] if e.template), None) or "hh-rlhf"
-    tpl = load_template(tpl_name, kind="correction")
+    used = sorted({e.template for s in cfg.stages for e in data[s] if e.template})
+    if len(used) > 1 or (cfg.template and used and used != [load_template(cfg.template, kind="correction").name]):
+        raise InputError(f"the rows were rendered with template(s) {', '.join(used)}"
+                         + (f", not '{cfg.template}'" if cfg.template else "")
+                         + "; a corrector is trained and used with one template (build-data --template)")
+    tpl = load_template(cfg.template or (used[0] if used else "hh-rlhf"), kind="correction")
     prompt_format = cfg.prompt_format or tpl.prompt_format
     chat = prompt_format == "chat"
+
+    import torch
+    from transformers import set_seed
 
     from metaalign_cli.backends.hf import pick_attention
 
@@ -607,7 +673,6 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     attn = cfg.attn_implementation or pick_attention(device)
     pack = cfg.packing == "pack" or (cfg.packing == "auto" and attn == "flash_attention_2")
     group = cfg.packing == "group" or (cfg.packing == "auto" and not pack)
-    base = resolve_base_model(cfg.base_model)
 
     set_seed(cfg.seed)
     model, tok = load_base_model(base, attn_implementation=attn, qlora=cfg.qlora)
@@ -620,8 +685,6 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
         if cfg.qlora:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         model = get_peft_model(model, lora_config(cfg))
-    elif cfg.qlora:
-        raise ConfigError("qlora needs lora_r")
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / CONFIG_FILE)
@@ -741,6 +804,11 @@ def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, prec
     cb = _make_metrics_callback(stage, metrics_path, on_event, trainer_ref, global_offset)
     Trainer = _make_trainer_class()
     trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # Our callback reports progress; transformers' printer would put log dicts on stdout.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     trainer_ref["trainer"] = trainer
     return trainer
 
@@ -786,6 +854,8 @@ def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, pro
             merged.save_pretrained(str(out))
         else:
             model.save_pretrained(str(out))
+            # The base architecture, for GGUF LoRA export (peft loads the adapter first).
+            model.get_base_model().config.save_pretrained(str(out))
     else:
         model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
