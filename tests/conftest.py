@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-CASES = SHARED / "cases"
+CASES = REPO / "tests" / "cases"  # copies of shared/cases, so a bare clone runs them too
 DATA = SHARED / "data"
 
 

@@ -153,11 +153,11 @@ def test_openai_backend_against_local_server(llama_server, smollm2_gguf):
 BAD = [
     ('{"query": "q", "response": "r"}\n{"query": "q", "response": \n', 2, "<stdin>:2: invalid JSON"),
     ('{"query": "q"}\n', 1, "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response"),
-    ('{"query": "q", "response": 5}\n', 1, "<stdin>:1: field 'response': expected a string, got int"),
+    ('{"query": "q", "response": 5}\n', 1, "<stdin>:1: field 'response': expected a string, got number"),
     ('{"query": "q", "response": "  "}\n', 1, "<stdin>:1: field 'response': empty text"),
     ('{"query": "q", "response": "r", "objectives": ["harmles"]}\n', 1,
      "<stdin>:1: field 'objectives': unknown objective 'harmles'; did you mean harmless"),
-    ('[1, 2]\n', 1, "<stdin>:1: expected a JSON object, got list"),
+    ('[1, 2]\n', 1, "<stdin>:1: expected a JSON object, got array"),
 ]
 
 
@@ -290,3 +290,53 @@ def test_csv_input_reference_columns(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     o = lines(r.stdout)[0]
     assert o["generated_text"] == "Hey, what's up" and o["goldens"] == "Hello!" and o["metaalign"]["input_line"] == 2
+
+
+def test_output_problems_fail_early_in_one_line(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"id": 1, "query": "a", "response": "b"}\n')
+    cases = [(["-o", str(f), str(f)], "the output file is the input file"),
+             (["-o", str(tmp_path), str(f)], "is a directory; -o takes a file"),
+             (["--output-field", "response", "--response-field", "response", str(f)], "would overwrite")]
+    for args, msg in cases:
+        r = run_cli("correct", "-O", "helpful", *args)
+        assert r.returncode == 2 and msg in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+    assert f.read_text() == '{"id": 1, "query": "a", "response": "b"}\n'  # input untouched
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-m", "metaalign_cli", "correct", "-O", "helpful", "--max-new-tokens", "2",
+                            str(f)], stdout=full, stderr=subprocess.PIPE, cwd=REPO)
+    assert p.returncode == 2 and "cannot write output: No space left on device" in p.stderr.decode()
+
+
+def test_resume_with_repeated_ids_and_foreign_file(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "query": "q?", "response": r}) + "\n"
+                         for i, r in [(1, "a"), (1, "b"), (2, "c")]))
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    args = ["correct", str(f), "-O", "helpful", "--max-new-tokens", "3", "-q"]
+    assert run_cli(*args, "-o", str(full)).returncode == 0
+    part.write_bytes(full.read_bytes().split(b"\n")[0] + b"\n")
+    assert run_cli(*args, "-o", str(part), "--resume").returncode == 0
+    assert part.read_bytes() == full.read_bytes()
+    part.write_text("not ours\n")
+    r = run_cli(*args, "-o", str(part), "--resume")
+    assert r.returncode == 2 and f"{part}:1: not a JSONL record" in r.stderr.decode()
+
+
+def test_bom_csv_rows_of_wrong_width_nan():
+    r = run_cli("correct", "-O", "helpful", "--max-new-tokens", "2", "--on-error", "keep", "--input-format", "csv",
+                input=b"\xef\xbb\xbfquery,response\nhi,there\nx,y,z\nonly\n")
+    out = lines(r.stdout)
+    assert r.returncode == 1 and out[0]["query"] == "hi" and out[0]["corrected"]
+    assert out[1]["error"] == "<stdin>:3: row has 3 fields, the header 2"
+    assert out[2]["error"] == "<stdin>:4: row has 1 fields, the header 2"
+    r = run_cli("correct", "-O", "helpful", input=b'\xef\xbb\xbf{"query": "a", "response": NaN}\n')
+    assert r.returncode == 2 and "<stdin>:1: invalid JSON: NaN is not valid JSON" in r.stderr.decode()
+
+
+def test_broken_pipe_is_quiet():
+    recs = "".join(json.dumps({"query": f"q{i}?", "response": f"r{i}"}) + "\n" for i in range(4))
+    p = subprocess.run(f"{sys.executable} -m metaalign_cli correct -O helpful --max-new-tokens 2 -q | head -1",
+                       shell=True, input=recs.encode(), capture_output=True, cwd=REPO,
+                       executable="/bin/bash")
+    assert p.stdout.count(b"\n") == 1 and b"Traceback" not in p.stderr and b"error" not in p.stderr

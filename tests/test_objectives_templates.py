@@ -152,3 +152,15 @@ def test_loop_guard_detection():
     assert is_looping([5] * 48) and not is_looping([5] * 47)
     cycle = list(range(40))
     assert is_looping([0] * 3 + cycle * 3) and not is_looping(cycle * 2 + [99])
+
+
+def test_alias_that_names_another_objective_is_rejected(tmp_path):
+    f = tmp_path / "kind.yaml"
+    f.write_text("name: kind\naliases: [harmless]\ndescription: Be kind.\n")
+    with pytest.raises(ConfigError, match=r"kind.yaml: alias 'harmless' is the name of another objective"):
+        load_objectives(files=[f], include_user=False)
+
+
+def test_template_path_not_found():
+    with pytest.raises(ConfigError, match=r"nope.yaml: template file not found"):
+        load_template("./nope.yaml")

@@ -86,7 +86,7 @@ def correct_cmd(
     objectives: Optional[str] = typer.Option(None, "--objectives", "-O",
                                              help="Objectives by name or alias, comma-separated, in order (e.g. harmless,helpful)."),
     template: Optional[str] = typer.Option(None, "--template", "-t",
-                                           help="Correction template: hh-rlhf, ultrafeedback, imhi, or a YAML path. [default: ultrafeedback]"),
+                                           help="Correction template: hh-rlhf, ultrafeedback, imhi, or a YAML path. Default: ultrafeedback (or the trained model's)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="GGUF file, HF directory/hub id, or served model name. Default: embedded SmolLM2-135M demo model."),
     backend: Optional[str] = typer.Option(None, "--backend", "-b", help="llama-cpp, transformers, openai or anthropic. Default: guessed from --model/--base-url."),
@@ -110,7 +110,7 @@ def correct_cmd(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Records per generation call (transformers batch)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight (openai/anthropic)."),
     n_ctx: int = typer.Option(4096, "--n-ctx", min=64, help="Context tokens (llama-cpp)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (llama-cpp). Default: all cores."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (llama-cpp). Default: all cores."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers on the GPU (llama-cpp); -1 = all."),
     lora: Optional[str] = typer.Option(None, "--lora", help="GGUF LoRA adapter (llama-cpp)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu (transformers)."),
@@ -135,6 +135,11 @@ def correct_cmd(
         raise fail(f"--prompt-format must be raw or chat, not '{prompt_format}'")
     if resume and output == "-":
         raise fail("--resume needs -o FILE")
+    if output != "-" and input != "-" and Path(output).resolve() == Path(input).resolve():
+        raise fail(f"{output}: the output file is the input file; write to another file")
+    _check_output(output)
+    if output_field in {f for f in (query_field, response_field) if f}:
+        raise fail(f"--output-field '{output_field}' would overwrite the input's query or response field")
     with cli_errors():
         card = model_card(model)
         objset = load_objective_set(objectives_dir, objective_file)
@@ -176,6 +181,12 @@ def correct_cmd(
                 report = correct_records(records, be, opts, writer, skip, on_progress, warn)
         except RecordFailed as e:
             raise fail(str(e.cause), EXIT_USAGE if e.is_input else EXIT_FAILED)
+        except BrokenPipeError:
+            # The reader went away (`| head -1`): stop quietly, as Unix filters do.
+            _silence_stdout()
+            raise typer.Exit(EXIT_OK)
+        except OSError as e:
+            raise fail(f"{output if output != '-' else '<stdout>'}: cannot write output: {e.strerror or e}")
         finally:
             be.close()
     if not quiet:
@@ -186,6 +197,34 @@ def correct_cmd(
                       f"{report.looped} stopped in a repetition loop; "
                       f"{rate:.2f} records/s, {tps:.1f} generated tokens/s", markup=False)
     raise typer.Exit(EXIT_FAILED if report.failed else EXIT_OK)
+
+
+def _check_output(output: str) -> None:
+    """Fail early (before a model loads) when the output cannot be written."""
+    import os
+
+    if output == "-":
+        if sys.stdout is None or sys.stdout.closed:
+            raise fail("standard output is closed")
+        return
+    p = Path(output)
+    if p.is_dir():
+        raise fail(f"{output}: is a directory; -o takes a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{output}: cannot write output: {e.strerror or e}")
+    if not os.access(p.parent, os.W_OK):
+        raise fail(f"{output}: cannot write output: permission denied")
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class _NoProgress:

@@ -39,7 +39,13 @@ def cli_errors() -> Iterator[None]:
     except MetaAlignError as e:
         raise fail(str(e)) from None
     except BrokenPipeError:
-        raise typer.Exit(EXIT_FAILED) from None
+        try:
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise typer.Exit(EXIT_OK) from None
 
 
 def split_names(value: str | None) -> list[str]:

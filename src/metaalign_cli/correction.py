@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections import Counter
 from typing import Callable, Iterable, Literal
 
 from metaalign_cli import __version__
@@ -150,13 +151,14 @@ def effective_settings(settings: GenerationSettings, backend: Backend) -> Genera
 
 
 def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: CorrectionOptions,
-                    writer: JsonlWriter, skip_keys: set[str] | None = None,
+                    writer: JsonlWriter, skip_keys: "Counter[str] | None" = None,
                     on_progress: Callable[[int, int], None] | None = None,
                     warn: Callable[[str], None] | None = None) -> CorrectionReport:
     """Correct every record and write it (plus ``opts.output_field`` and a ``metaalign``
     provenance object) to ``writer``, one line per input record, in input order.
 
-    ``skip_keys``: record keys (``id:..``/``line:..``) already done (resume).
+    ``skip_keys``: how many records of each key (``id:..``/``line:..``) are already done
+    (resume; see :func:`metaalign_cli.records.done_keys`); consumed as records are skipped.
     ``on_progress(records, generated_tokens)`` after each written record; ``warn(msg)`` for
     repairs and per-record errors under skip/keep.
     Raises RecordFailed at the first failing record when ``opts.on_error == 'fail'``, after
@@ -186,8 +188,15 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
                 _emit_error(it, g)
         chunk.clear()
 
+    replaced: set[str] = set()
+
     def _emit_ok(it: _Item, g: Generation) -> None:
         out = dict(it.rec.data)
+        for f in (opts.output_field, "metaalign"):
+            if f in out and f not in replaced:
+                replaced.add(f)
+                warn(f"{it.rec.source}:{it.rec.line}: the input already has a '{f}' field; the output replaces it "
+                     "(choose another with --output-field)")
         out[opts.output_field] = g.text.strip()
         prov = {**provenance_base, "objectives": it.objectives, "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}
@@ -223,7 +232,8 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
 
     try:
         for rec in records:
-            if skip_keys and rec.key in skip_keys:
+            if skip_keys and skip_keys.get(rec.key, 0) > 0:
+                skip_keys[rec.key] -= 1  # a count: records may repeat an id
                 report.resumed += 1
                 continue
             for w in rec.warnings:

@@ -213,6 +213,11 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
         if not Path(f).is_file():
             raise ConfigError(f"{f}: objective file not found")
         objset.add(load_objective_file(f))
+    for obj in objset.by_name.values():
+        for a in obj.aliases:
+            other = objset.by_name.get(_key(a))
+            if other is not None and other is not obj:
+                raise ConfigError(f"{obj.source}: alias '{a}' is the name of another objective ({other.source})")
     return objset
 
 

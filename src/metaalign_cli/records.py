@@ -25,6 +25,21 @@ RESPONSE_FIELDS = ("response", "answer", "output", "generated_text", "completion
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+               list: "array", dict: "object"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (``null``, ``number``, ``array``...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+_EXTRA = "\0extra"  # DictReader key for cells beyond the header
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
 
 @dataclass
 class SourceRecord:
@@ -65,8 +80,12 @@ def source_name(path: str | os.PathLike | None) -> str:
 
 def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
     if path in (None, "-"):
+        if sys.stdin is None or sys.stdin.closed:
+            raise InputError("standard input is closed", source="<stdin>")
         return sys.stdin.buffer
     p = Path(path)
+    if p.is_dir():
+        raise InputError("is a directory, not a file", source=str(p))
     if not p.exists():
         raise InputError("input file not found", source=str(p))
     if str(p).endswith(".gz"):
@@ -86,6 +105,8 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the JSON
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -93,14 +114,17 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                     f"invalid UTF-8 at byte {e.start}", source=src, line=lineno))
                 continue
             try:
-                data = json.loads(text)
+                data = json.loads(text, parse_constant=_reject_constant)
             except json.JSONDecodeError as e:
                 yield SourceRecord(src, lineno, None, InputError(
                     f"invalid JSON: {e.msg} (column {e.colno})", source=src, line=lineno))
                 continue
+            except ValueError as e:
+                yield SourceRecord(src, lineno, None, InputError(f"invalid JSON: {e}", source=src, line=lineno))
+                continue
             if not isinstance(data, dict):
                 yield SourceRecord(src, lineno, None, InputError(
-                    f"expected a JSON object, got {type(data).__name__}", source=src, line=lineno))
+                    f"expected a JSON object, got {json_type(data)}", source=src, line=lineno))
                 continue
             found: list[str] = []
             data = _scrub(data, "", found)
@@ -118,12 +142,23 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     fh = _open_binary(path)
     try:
         try:
-            text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+            text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")  # -sig: a BOM is no header
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.DictReader(text)
+            reader = csv.DictReader(text, restkey=_EXTRA)
             start = 2
             for row in reader:
-                yield SourceRecord(src, start, dict(row))
+                row = dict(row)
+                width = len(reader.fieldnames or ())
+                if _EXTRA in row:
+                    n = width + len(row[_EXTRA])
+                    yield SourceRecord(src, start, None, InputError(
+                        f"row has {n} fields, the header {width}", source=src, line=start))
+                elif any(v is None for v in row.values()):
+                    have = sum(v is not None for v in row.values())
+                    yield SourceRecord(src, start, None, InputError(
+                        f"row has {have} fields, the header {width}", source=src, line=start))
+                else:
+                    yield SourceRecord(src, start, row)
                 start = reader.line_num + 1
         except UnicodeDecodeError as e:
             raise InputError(f"invalid UTF-8 at byte {e.start}", source=src) from None
@@ -147,7 +182,7 @@ def read_records(path: str | os.PathLike | None, input_format: str | None = None
 def _string_field(rec: SourceRecord, name: str, allow_empty: bool = False) -> str:
     v = rec.data[name]
     if not isinstance(v, str):
-        raise InputError(f"expected a string, got {type(v).__name__}", rec.source, rec.line, name)
+        raise InputError(f"expected a string, got {json_type(v)}", rec.source, rec.line, name)
     if not allow_empty and not v.strip():
         raise InputError("empty text", rec.source, rec.line, name)
     return v
@@ -215,13 +250,19 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike | None, append: bool = False):
         self.path = None if path in (None, "-") else Path(path)
         if self.path is None:
+            if sys.stdout is None or sys.stdout.closed:
+                raise InputError("standard output is closed", source="<stdout>")
             self.fh = sys.stdout
-            self._binary = False
         else:
-            if append and self.path.exists():
-                _truncate_partial_line(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.path, "a" if append else "w", encoding="utf-8", newline="\n")
+            try:
+                if self.path.is_dir():
+                    raise IsADirectoryError(21, "is a directory")
+                if append and self.path.exists():
+                    _truncate_partial_line(self.path)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fh = open(self.path, "a" if append else "w", encoding="utf-8", newline="\n")
+            except OSError as e:
+                raise InputError(f"cannot write output: {e.strerror or e}", source=str(self.path)) from None
         self.count = 0
 
     def write(self, record: dict) -> None:
@@ -249,25 +290,34 @@ def _truncate_partial_line(path: Path) -> None:
             fh.truncate()
 
 
-def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> set[str]:
-    """Keys (``id:<id>`` or ``line:<n>``) of the records already in an output file, for
-    ``--resume``. Only complete lines count; a partial last line is ignored."""
-    keys: set[str] = set()
+def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> "Counter[str]":
+    """How many times each key (``id:<id>`` or ``line:<n>``) occurs among the records already
+    in an output file, for ``--resume`` (a count, so repeated ids resume correctly). Only
+    complete lines count; a partial last line is ignored.
+
+    Raises InputError when a complete line is not a JSON object: the file is not our output.
+    """
+    from collections import Counter
+
+    keys: Counter[str] = Counter()
     p = Path(path)
     if not p.exists():
         return keys
     with open(p, "rb") as fh:
-        for raw in fh:
+        for lineno, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
                 break
             try:
                 rec = json.loads(raw)
             except ValueError:
-                continue
+                rec = None
+            if not isinstance(rec, dict):
+                raise InputError("not a JSONL record: --resume only continues a file metaalign wrote",
+                                 source=str(p), line=lineno)
             if rec.get("id") is not None:
-                keys.add(f"id:{rec['id']}")
+                keys[f"id:{rec['id']}"] += 1
             else:
                 line = (rec.get(key_field) or {}).get("input_line")
                 if line is not None:
-                    keys.add(f"line:{line}")
+                    keys[f"line:{line}"] += 1
     return keys

@@ -13,6 +13,7 @@ comes out verbatim.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -157,8 +158,10 @@ def load_template_file(path: str | Path) -> Template:
             msg = f"unknown key '{key}'"
         elif err["type"] == "missing":
             msg = f"missing key '{key}'"
-        else:
+        elif err["loc"]:
             msg = f"key '{key}': {err['msg']}".replace("Value error, ", "")
+        else:
+            msg = err["msg"].replace("Value error, ", "")
         raise ConfigError(f"{path}: {msg}") from None
 
 
@@ -170,7 +173,9 @@ def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
     Raises UnknownNameError (with the known names) or ConfigError.
     """
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path or os.sep in name_or_path:
+        if not p.is_file():
+            raise ConfigError(f"{p}: template file not found")
         tpl = load_template_file(p)
     else:
         from metaalign_cli.objectives import user_objectives_dir
