@@ -38,7 +38,8 @@ from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
-from metaalign_cli.records import QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response
+from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response,
+                                   string_field)
 
 Mode = Literal["pairwise", "score"]
 
@@ -228,15 +229,6 @@ class JudgeItem:
     objectives: list[Objective]
 
 
-def _text(rec: SourceRecord, name: str, allow_empty: bool) -> str:
-    v = rec.data[name]
-    if not isinstance(v, str):
-        raise InputError(f"expected a string, got {type(v).__name__}", rec.source, rec.line, name)
-    if not allow_empty and not v.strip():
-        raise InputError("empty text", rec.source, rec.line, name)
-    return v
-
-
 def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSet,
                      objectives: list[Objective] | None, mode: Mode = "pairwise",
                      golden_field: str | None = None, candidate_fields: list[str] | None = None,
@@ -287,12 +279,12 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
             qf = query_field or next((f for f in QUERY_FIELDS if f in d), None)
             if qf is None or qf not in d:
                 raise InputError("missing query", r.source, r.line, qf or "/".join(QUERY_FIELDS))
-            question = _text(r, qf, allow_empty=False)
+            question = string_field(r, qf, allow_empty=False)
 
         gf = golden_field or next((f for f in GOLDEN_FIELDS if f in d), None)
         golden = None
         if gf is not None and gf in d:
-            golden = _text(r, gf, allow_empty=True)  # the reference data has a few empty goldens
+            golden = string_field(r, gf, allow_empty=True)  # the reference data has a few empty goldens
         elif mode == "pairwise":
             raise InputError("missing golden response", r.source, r.line, gf or "/".join(GOLDEN_FIELDS))
 
@@ -308,7 +300,7 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
                 continue
             if n not in d:
                 raise InputError("missing candidate response", r.source, r.line, n)
-            cands[n] = _text(r, n, allow_empty=True)
+            cands[n] = string_field(r, n, allow_empty=True)
 
         objs = objectives
         if not objs:

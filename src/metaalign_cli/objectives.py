@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from metaalign_cli.errors import ConfigError, UnknownNameError
+from metaalign_cli.yamlfiles import load_yaml_mapping
 
 
 class Objective(BaseModel):
@@ -78,21 +78,7 @@ def load_objective_file(path: str | Path) -> Objective:
     missing or empty description, wrong types).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read objective file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: objective file is not valid UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: an objective file must be a YAML mapping with 'name' and 'description'")
+    data = load_yaml_mapping(path, "objective file")
     data.setdefault("name", path.stem)
     unknown = [k for k in data if k not in Objective.model_fields or k == "source"]
     if unknown:

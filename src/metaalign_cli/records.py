@@ -179,7 +179,9 @@ def read_records(path: str | os.PathLike | None, input_format: str | None = None
     raise InputError(f"unknown input format '{fmt}' (use jsonl or csv)", source=source_name(path))
 
 
-def _string_field(rec: SourceRecord, name: str, allow_empty: bool = False) -> str:
+def string_field(rec: SourceRecord, name: str, allow_empty: bool = False) -> str:
+    """``rec.data[name]`` as a string; raises InputError (source, line, field) when it is not a
+    string, or is blank and ``allow_empty`` is False."""
     v = rec.data[name]
     if not isinstance(v, str):
         raise InputError(f"expected a string, got {json_type(v)}", rec.source, rec.line, name)
@@ -211,7 +213,7 @@ def extract_query_response(rec: SourceRecord, query_field: str | None = None,
                          rf or "/".join(RESPONSE_FIELDS))
     if qf is None or qf not in d:
         raise InputError("missing query", rec.source, rec.line, qf or "/".join(QUERY_FIELDS))
-    return _string_field(rec, qf), _string_field(rec, rf)
+    return string_field(rec, qf), string_field(rec, rf)
 
 
 def _from_messages(rec: SourceRecord) -> tuple[str, str]:

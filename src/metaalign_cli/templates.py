@@ -19,10 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Mapping
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from metaalign_cli.errors import ConfigError, UnknownNameError
+from metaalign_cli.yamlfiles import load_yaml_mapping
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -133,16 +133,7 @@ def load_template_file(path: str | Path) -> Template:
     """Load and validate one template YAML file (kind ``correction``, ``judge-pairwise`` or
     ``judge-score``). Raises ConfigError naming the file and the key or YAML line."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read template file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a template file must be a YAML mapping")
+    data = load_yaml_mapping(path, "template file")
     data.setdefault("name", path.stem)
     data.setdefault("kind", "correction")
     cls = CorrectionTemplate if data["kind"] == "correction" else JudgeTemplate

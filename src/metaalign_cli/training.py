@@ -32,6 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
+from metaalign_cli.yamlfiles import load_yaml_mapping
 
 STAGES = ("warmup", "equal", "preference")
 METRICS_FILE = "metrics.jsonl"
@@ -167,19 +168,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     data: dict[str, Any] = {}
     src = str(path) if path else "config"
     if path:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}:" if mark is not None else ""
-            raise ConfigError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', None) or e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: a train config must be a YAML mapping")
+        loaded = load_yaml_mapping(path, "train config", empty_ok=True)
         data.update(loaded)
     for k in data:
         if k not in _FIELDS:
