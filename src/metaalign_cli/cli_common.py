@@ -26,8 +26,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
     """Print a one-line error on stderr and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False) if sys.stderr.isatty() \
-        else print(f"error: {message}", file=sys.stderr)
+    if sys.stderr.isatty():
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    else:
+        print(f"error: {message}", file=sys.stderr)
     return typer.Exit(code)
 
 
