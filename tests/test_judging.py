@@ -4,11 +4,7 @@ against real servers on 127.0.0.1 (a scripted fault server and llama-cpp-python'
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import kill_when_lines
 from fault_server import FaultServer, pair_of, prefer_marker
 from metaalign_cli import judging
 from metaalign_cli.backends.base import GenerationSettings, Prompt
@@ -352,16 +348,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert ref.returncode == 1
     out, cache = tmp_path / "out.jsonl", tmp_path / "c.sqlite"
     with FaultServer(_answer, _fault, slow_s=1.5, delay_s=0.3) as srv:
-        env = dict(os.environ)
-        proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli",
-                                 *_judge_args(src, out, srv.url, cache, "--concurrency", "2")],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        partial = out.read_text().count("\n")
+        partial = kill_when_lines(_judge_args(src, out, srv.url, cache, "--concurrency", "2"), out, 6, timeout=60)
         assert 6 <= partial < 24
         with open(out, "a", encoding="utf-8") as fh:
             fh.write('{"record_id": "r11", "objec')  # a half line, as a kill mid-write leaves it

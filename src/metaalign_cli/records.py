@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -292,15 +293,13 @@ def _truncate_partial_line(path: Path) -> None:
             fh.truncate()
 
 
-def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> "Counter[str]":
+def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> Counter[str]:
     """How many times each key (``id:<id>`` or ``line:<n>``) occurs among the records already
     in an output file, for ``--resume`` (a count, so repeated ids resume correctly). Only
     complete lines count; a partial last line is ignored.
 
     Raises InputError when a complete line is not a JSON object: the file is not our output.
     """
-    from collections import Counter
-
     keys: Counter[str] = Counter()
     p = Path(path)
     if not p.exists():
