@@ -6,8 +6,9 @@ shared/data/metaaligner-samples/hh-rlhf/Claude-3.csv, same MetaAligner hh-rlhf p
   (a) reference: transformers `generate` in batches of 3 in input order, fp32 (as the
       paper's inference script does);
   (b) ours, transformers backend (length-sorted batches of 8, fp32 on CPU);
-  (c) ours, llama-cpp backend (Q4_1 GGUF, all cores).
-Prints records/s and generated tokens/s for each and the ratios b/a and c/a.
+  (c) ours, llama-cpp backend (Q4_1 GGUF, all cores), batches of 8 decoded together;
+  (d) the same llama-cpp backend one record at a time.
+Prints records/s and generated tokens/s for each and the ratios b/a, c/a and d/a.
 
     python bench/correct_throughput.py [--rows 24] [--max-new-tokens 64]
 """
@@ -69,11 +70,15 @@ def main() -> None:
     results["b ours: transformers backend"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
     be.close()
 
-    # (c) our llama-cpp backend
+    # (c) our llama-cpp backend, batches of 8 (`correct --batch-size 8`: one llama.cpp batch each)
     be = create_backend("llama-cpp", str(gguf), n_ctx=4096)
     t0 = time.perf_counter()
-    gens = be.generate([Prompt(p) for p in prompts], settings)
-    results["c ours: llama-cpp backend (Q4_1)"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
+    gens = [g for i in range(0, len(prompts), 8) for g in be.generate([Prompt(p) for p in prompts[i:i + 8]], settings)]
+    results["c ours: llama-cpp (Q4_1), batch 8"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
+    # (d) the same backend one record at a time (`correct`'s default --batch-size 1)
+    t0 = time.perf_counter()
+    gens = [be.generate([Prompt(p)], settings)[0] for p in prompts]
+    results["d ours: llama-cpp (Q4_1), one at a time"] = (time.perf_counter() - t0, sum(g.completion_tokens for g in gens))
     be.close()
 
     n = len(prompts)
@@ -83,7 +88,7 @@ def main() -> None:
     for k, (sec, toks) in results.items():
         rates[k[0]] = (n / sec, toks / sec)
         print(f"{k:45s} {sec:8.1f} {n / sec:10.3f} {toks / sec:10.1f}")
-    for x in "bc":
+    for x in "bcd":
         print(f"ratio {x}/a: records/s {rates[x][0] / rates['a'][0]:.2f}x, generated tokens/s {rates[x][1] / rates['a'][1]:.2f}x")
 
 

@@ -87,6 +87,29 @@ def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
     assert got.completion_tokens == ref["usage"]["completion_tokens"]
 
 
+def test_llamacpp_batch_equals_one_by_one(smollm2_gguf):
+    """--batch-size > 1 on llama-cpp decodes the prompts in one llama.cpp batch; greedy, the
+    texts, token counts and finish reasons equal decoding each prompt alone (EOS, token cap and
+    a stop string that cuts the text)."""
+    from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
+
+    prompts = [Prompt("The capital of France is"), Prompt("Human: Name three colours.\n\nAssistant:"),
+               Prompt("1, 2, 3, 4,"), Prompt("Write a haiku about rain.", chat=True)]
+    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=512, threads=2)
+    try:
+        for st in (GenerationSettings(max_new_tokens=20), GenerationSettings(max_new_tokens=20, stop=(",",))):
+            one = [be.generate([p], st)[0] for p in prompts]
+            many = be.generate(prompts, st)
+            assert [(g.text, g.completion_tokens, g.finish_reason) for g in many] == \
+                [(g.text, g.completion_tokens, g.finish_reason) for g in one]
+            assert [g.prompt_tokens for g in many] == [be.count_prompt_tokens(p) for p in prompts]
+        assert [g.finish_reason for g in one].count("stop") >= 2  # "1, 2, 3, 4," went on to a comma
+        assert "," not in "".join(g.text for g in many)
+        assert be._bctx is not None and be._bctx[2] == len(prompts)  # the batch path ran
+    finally:
+        be.close()
+
+
 def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):
     """Tiny random Llama: batched (left padding, sorted by length) = one by one, input order kept."""
     import torch
@@ -178,6 +201,13 @@ def test_invalid_utf8_and_skip_keep_exit_1():
     out = lines(r.stdout)
     assert r.returncode == 1 and len(out) == 2 and out[1]["error"].startswith("<stdin>:2: invalid UTF-8")
     assert "corrected" not in out[1]
+    # Fed back once fixed, our own stale `error` goes; a user's own `error` field stays.
+    again = [dict(out[1], query="q", response="fine now"), {"query": "q", "response": "r", "error": "user data"}]
+    r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4",
+                input="".join(json.dumps(o) + "\n" for o in again))
+    fixed = lines(r.stdout)
+    assert r.returncode == 0 and "error" not in fixed[0] and "corrected" in fixed[0]
+    assert fixed[1]["error"] == "user data"
 
 
 def test_unknown_objective_flag_exit_2():

@@ -375,3 +375,31 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     assert np.abs(cpp - hf).max() < 1e-3 * max(1.0, np.abs(hf).max())
     _, hf_base = _first_token_logits_hf(tiny_dir, prompt)
     assert np.abs(hf - hf_base).max() > 1e-2  # the adapter does change the logits
+
+    # Installed as the default corrector (GGUF base + GGUF LoRA, relocatable card), plain
+    # `correct` uses it with the card's raw template; `--model smollm2` stays the prompted default.
+    card["gguf"], card["lora"] = str(base_gguf), card["gguf_lora"]
+    (a / "metaalign.json").write_text(json.dumps(card), encoding="utf-8")
+    home = tmp_path / "home"
+    p = run_cli("export", str(a), "--type", "f32", "--no-lora", "--install", "default", env={"METAALIGN_HOME": str(home)})
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    inst = home / "models" / "default"
+    icard = json.loads((inst / "metaalign.json").read_text())
+    assert icard["template"] == card["template"] and icard["prompt_format"] == "raw"
+    assert (inst / icard["gguf"]).is_file() and (inst / icard["lora"]).is_file()
+    assert not Path(icard["lora"]).is_absolute()
+    rec = json.dumps({"query": "Human: hi\n\nAssistant:", "response": "hello"}) + "\n"
+    args = ("correct", "-O", "harmless", "--max-new-tokens", "6", "--threads", "2", "--no-loop-guard")
+    env = {"METAALIGN_HOME": str(home)}
+    dflt = run_cli(*args, input=rec, env=env)
+    assert dflt.returncode == 0, dflt.stderr.decode()[-2000:]
+    assert "installed default corrector" in dflt.stderr.decode()
+    got = json.loads(dflt.stdout)["metaalign"]
+    assert got["model"] == str(inst / icard["gguf"]) and got["lora_path"] == str(inst / icard["lora"])
+    assert got["template"] == card["template"] and got["prompt_format"] == "raw"
+    same = run_cli(*args, "--model", "default", input=rec, env=env)
+    assert json.loads(same.stdout)["corrected"] == json.loads(dflt.stdout)["corrected"]
+    direct = run_cli(*args, "--model", str(a), input=rec, env=env)
+    assert json.loads(direct.stdout)["corrected"] == json.loads(dflt.stdout)["corrected"]
+    zero = run_cli(*args, "--model", "smollm2", input=rec, env=env)
+    assert zero.returncode == 0 and json.loads(zero.stdout)["metaalign"]["prompt_format"] == "chat"

@@ -107,7 +107,7 @@ def correct_cmd(
     seed: int = typer.Option(0, "--seed"),
     loop_guard: bool = typer.Option(True, "--loop-guard/--no-loop-guard",
                                     help="Stop a generation whose tail repeats (finish_reason 'loop')."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Records per generation call (transformers batch)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Records per generation call: one padded batch (transformers), one llama.cpp batch when greedy (llama-cpp)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight (openai/anthropic)."),
     n_ctx: int = typer.Option(4096, "--n-ctx", min=64, help="Context tokens (llama-cpp)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (llama-cpp). Default: all cores."),
@@ -141,14 +141,23 @@ def correct_cmd(
     if output_field in {f for f in (query_field, response_field) if f}:
         raise fail(f"--output-field '{output_field}' would overwrite the input's query or response field")
     with cli_errors():
+        from rich.markup import escape
+
+        from metaalign_cli.models import PROMPTED_DEFAULT
+
         card = model_card(model)
+        if model == PROMPTED_DEFAULT:
+            model = None  # the embedded SmolLM2, zero-shot through its chat template
         objset = load_objective_set(objectives_dir, objective_file)
         objs = objset.resolve(objectives) if split_names(objectives) else None
         tpl = load_template(template or card.get("template") or "ultrafeedback", kind="correction")
         if prompt_format is None:
             prompt_format = card.get("prompt_format") or ("chat" if model is None and backend in (None, "llama-cpp") and not lora else None)
         if model is None and card == {} and lora is None and not quiet:
-            console.print("[dim]using the embedded demo model SmolLM2-135M-Instruct (tiny; see README for a real corrector)[/]")
+            console.print("[dim]using the embedded demo model SmolLM2-135M-Instruct, prompted zero-shot "
+                          "(tiny; see README for a trained corrector)[/]")
+        elif model is None and card and not quiet:
+            console.print(f"[dim]using the installed default corrector ({escape(card.get('lora') or card['gguf'])})[/]")
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
                                       loop_guard=loop_guard)

@@ -5,7 +5,6 @@ Kept free of heavy imports: torch, transformers and llama_cpp load only inside b
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +14,10 @@ import typer
 from rich.console import Console
 
 from metaalign_cli.errors import MetaAlignError
+from metaalign_cli.models import MODEL_CARD  # noqa: F401  (written beside a trained corrector)
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-# Written by `metaalign train` beside a trained corrector: how its prompts were rendered.
-MODEL_CARD = "metaalign.json"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -63,18 +61,21 @@ def load_objective_set(objectives_dir: list[Path] | None, objective_file: list[P
 
 
 def model_card(model: str | None) -> dict:
-    """The ``metaalign.json`` a trained corrector directory carries (template, prompt format,
-    base GGUF, LoRA), or {} for any other model."""
-    if not model:
+    """The ``metaalign.json`` of a trained corrector: a directory given as ``--model``, an
+    installed corrector's name (``$METAALIGN_HOME/models/NAME``), or with no ``--model`` the
+    installed ``default`` corrector; {} for any other model (see :mod:`metaalign_cli.models`)."""
+    from metaalign_cli.models import DEFAULT_NAME, PROMPTED_DEFAULT, find_corrector, read_card
+
+    if model == PROMPTED_DEFAULT:
         return {}
+    if not model:
+        found = find_corrector(DEFAULT_NAME)
+        return read_card(found) if found else {}
     p = Path(model)
-    card = p / MODEL_CARD if p.is_dir() else None
-    if card is not None and card.is_file():
-        try:
-            return json.loads(card.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise MetaAlignError(f"{card}: invalid JSON: {e}") from None
-    return {}
+    if p.is_dir():
+        return read_card(p)
+    found = None if p.exists() else find_corrector(model)
+    return read_card(found) if found else {}
 
 
 def make_backend(backend: str | None, model: str | None, base_url: str | None = None, **options):

@@ -113,17 +113,25 @@ def export_cmd(
     types: str = typer.Option("f16", "--type", help="GGUF types, comma-separated: f16, f32, q8_0, q4_k_m, ..."),
     lora: bool = typer.Option(True, "--lora/--no-lora", help="Also convert DIR/adapter (LoRA runs) to a GGUF LoRA adapter."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the .gguf files. [default: DIR/gguf]"),
+    install: Optional[str] = typer.Option(None, "--install", metavar="NAME",
+                                          help="Then install the corrector as NAME in $METAALIGN_HOME/models "
+                                               "('default' makes it `correct`'s default model)."),
 ):
     """Convert a trained corrector to GGUF for `correct --backend llama-cpp` (the gguf package
     writes f16/f32; llama-cpp-python's quantize API makes q8_0, q4_k_m...). Updates DIR's
-    metaalign.json so `correct --model DIR` then uses the GGUF."""
+    metaalign.json so `correct --model DIR` then uses the GGUF. With --install NAME, the GGUF
+    LoRA adapter (or the GGUF) and its card are copied to $METAALIGN_HOME/models/NAME, so
+    `correct --model NAME` (and, for NAME 'default', plain `correct`) uses it."""
     from metaalign_cli.cli_common import split_names
 
     with cli_errors():
         from metaalign_cli.export import export_gguf
+        from metaalign_cli.models import install_corrector
 
         out = export_gguf(model_dir, split_names(types), out_dir=output, lora=lora,
                           log=lambda m: console.print(m, markup=False))
+        if install:
+            out["installed"] = str(install_corrector(model_dir, install))
     for q, p in out.items():
         print(f"{q}\t{p}")
 

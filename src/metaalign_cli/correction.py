@@ -197,6 +197,8 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
                 replaced.add(f)
                 warn(f"{it.rec.source}:{it.rec.line}: the input already has a '{f}' field; the output replaces it "
                      "(choose another with --output-field)")
+        if "error" in out and isinstance(out.get("metaalign"), dict):
+            del out["error"]  # a failure recorded by an earlier `--on-error keep` run of ours, now fixed
         out[opts.output_field] = g.text.strip()
         prov = {**provenance_base, "objectives": it.objectives, "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}

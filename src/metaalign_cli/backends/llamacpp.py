@@ -14,9 +14,13 @@ class LlamaCppBackend(Backend):
 
     Options: ``n_ctx`` (context tokens, default 4096), ``threads`` (default: all cores, not
     llama.cpp's single thread), ``n_gpu_layers`` (0 = CPU), ``lora_path`` (a GGUF LoRA
-    adapter), ``seed``. Chat prompts are formatted with the GGUF's own
-    ``tokenizer.chat_template`` so prompt token counts are exact. Sequences are decoded one
-    after another (llama-cpp-python's high-level API decodes one sequence at a time).
+    adapter), ``seed``, ``flash_attn``. Chat prompts are formatted with the GGUF's own
+    ``tokenizer.chat_template`` so prompt token counts are exact.
+
+    Several prompts given to :meth:`generate` at once (``correct --batch-size N``) are decoded
+    together in one llama.cpp batch (one sequence id and KV stream each) when decoding is
+    greedy without repeat penalty, the paper's setting; sampling settings decode one sequence
+    after another through llama-cpp-python's high-level API.
 
     Raises MetaAlignError when the file is missing or cannot be loaded.
     """
@@ -24,7 +28,8 @@ class LlamaCppBackend(Backend):
     name = "llama-cpp"
 
     def __init__(self, model: str | None, n_ctx: int = 4096, threads: int | None = None,
-                 n_gpu_layers: int = 0, lora_path: str | None = None, seed: int = 0, **_ignored):
+                 n_gpu_layers: int = 0, lora_path: str | None = None, seed: int = 0,
+                 flash_attn: bool = False, **_ignored):
         from metaalign_cli.backends import default_model_path
 
         path = Path(model) if model else default_model_path()
@@ -37,13 +42,14 @@ class LlamaCppBackend(Backend):
         self.threads = threads or os.cpu_count() or 1
         self.model_id = str(path)
         self.options = {"n_ctx": n_ctx, "threads": self.threads, "n_gpu_layers": n_gpu_layers,
-                        "lora_path": lora_path}
+                        "lora_path": lora_path, "flash_attn": flash_attn}
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=self.threads,
                              n_threads_batch=self.threads, n_gpu_layers=n_gpu_layers,
-                             lora_path=lora_path, seed=seed, verbose=False)
+                             lora_path=lora_path, seed=seed, flash_attn=flash_attn, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise MetaAlignError(f"{path}: cannot load GGUF model: {e}") from None
+        self._bctx = None  # (llama_context, n_ctx, n_seq_max) for batched decoding, grown on demand
         self._formatter = None
         tpl = self.llm.metadata.get("tokenizer.chat_template")
         if tpl:
@@ -78,6 +84,142 @@ class LlamaCppBackend(Backend):
         return len(self._tokens(prompt)[0])
 
     def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
+        if len(prompts) > 1 and settings.greedy and settings.repeat_penalty == 1.0:
+            toks: list = []
+            for p in prompts:
+                try:
+                    toks.append(self._tokens(p))
+                except Exception as e:  # noqa: BLE001 - reported for this prompt only
+                    toks.append(e)
+            ok = [i for i, t in enumerate(toks) if not isinstance(t, Exception)]
+            try:
+                gens = self._generate_batched([toks[i] for i in ok], settings) if ok else []
+            except Exception:  # noqa: BLE001 - the batch failed as a whole: decode one by one
+                return self._generate_sequential(prompts, settings)
+            for i, g in zip(ok, gens):
+                toks[i] = g
+            return toks
+        return self._generate_sequential(prompts, settings)
+
+    def _batch_context(self, n_ctx: int, n_seq: int):
+        """A llama.cpp context for ``n_seq`` sequences with ``n_ctx / n_seq`` KV cells each,
+        reused while large enough; the loaded LoRA adapter is applied to it too."""
+        import llama_cpp
+
+        if self._bctx is not None and self._bctx[1] // self._bctx[2] >= n_ctx // n_seq and self._bctx[2] == n_seq:
+            return self._bctx[0]
+        if self._bctx is not None:
+            llama_cpp.llama_free(self._bctx[0])
+            self._bctx = None
+        base = self.llm.context_params
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = min(512, n_ctx)
+        params.n_seq_max = n_seq
+        params.kv_unified = False  # one KV stream per sequence: attention never scans the others' cells
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = base.flash_attn_type
+        params.type_k, params.type_v = base.type_k, base.type_v
+        params.offload_kqv = base.offload_kqv
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if ctx is None:
+            raise MetaAlignError(f"{self.model_id}: cannot create a llama.cpp context for {n_seq} sequences")
+        adapter = getattr(self.llm, "_lora_adapter", None)
+        if adapter is not None:
+            import ctypes
+
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(self.llm.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales):
+                llama_cpp.llama_free(ctx)
+                raise MetaAlignError(f"{self.model_id}: cannot apply the LoRA adapter to a batch context")
+        self._bctx = (ctx, n_ctx, n_seq)
+        return ctx
+
+    def _generate_batched(self, items: list[tuple[list[int], list[str]]],
+                          settings: GenerationSettings) -> list[Generation]:
+        """Greedy decoding of several prompts in one llama.cpp batch.
+
+        ``items``: (prompt token ids, extra stop strings) per prompt. Prompts are prefilled in
+        chunks of up to 512 tokens, then every step decodes one token for each unfinished
+        sequence in a single ``llama_decode`` call. Each sequence stops at an end-of-generation
+        token, a stop string (the text is cut before it), the loop guard, or
+        ``max_new_tokens``; finish reasons as in the sequential path. Raises MetaAlignError
+        when llama.cpp fails to decode (the caller then falls back to one prompt at a time).
+        """
+        import llama_cpp
+        import numpy as np
+
+        n = len(items)
+        per_seq = -(-max(len(t) + settings.max_new_tokens for t, _ in items) // 256) * 256
+        ctx = self._batch_context(per_seq * n, n)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        n_vocab = self.llm.n_vocab()
+        cap = min(512, self._bctx[1])
+        batch = llama_cpp.llama_batch_init(cap, 0, 1)
+        stops = [list(settings.stop) + s for _, s in items]
+        gen: list[list[int]] = [[] for _ in range(n)]
+        done: list[str | None] = [None] * n
+        texts = [""] * n
+        nxt: dict[int, int] = {}
+
+        def run(entries):  # entries: (seq, token, pos, wants_logits)
+            batch.n_tokens = len(entries)
+            for k, (seq, tok, pos, want) in enumerate(entries):
+                batch.token[k] = tok
+                batch.pos[k] = pos
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = seq
+                batch.logits[k] = 1 if want else 0
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise MetaAlignError(f"{self.model_id}: llama_decode failed with code {rc}")
+            for k, (seq, _tok, _pos, want) in enumerate(entries):
+                if want:
+                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(n_vocab,))
+                    nxt[seq] = int(logits.argmax())
+
+        try:
+            pending = []
+            for seq, (toks, _) in enumerate(items):
+                for pos, tok in enumerate(toks):
+                    pending.append((seq, tok, pos, pos == len(toks) - 1))
+                    if len(pending) == cap:
+                        run(pending)
+                        pending = []
+            if pending:
+                run(pending)
+            while True:
+                step = []
+                for seq in range(n):
+                    if done[seq]:
+                        continue
+                    tok = nxt[seq]
+                    if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                        done[seq] = "stop"
+                        continue
+                    gen[seq].append(tok)
+                    texts[seq] = self.llm.detokenize(gen[seq]).decode("utf-8", errors="ignore")
+                    cut = [texts[seq].find(s) for s in stops[seq] if s and s in texts[seq]]
+                    if cut:
+                        texts[seq] = texts[seq][:min(cut)]
+                        done[seq] = "stop"
+                    elif settings.loop_guard and len(gen[seq]) % 8 == 0 and is_looping(gen[seq]):
+                        done[seq] = "loop"
+                    elif len(gen[seq]) >= settings.max_new_tokens:
+                        done[seq] = "length"
+                    else:
+                        step.append((seq, tok, len(items[seq][0]) + len(gen[seq]) - 1, True))
+                if not step:
+                    break
+                run(step)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return [Generation(texts[i], len(items[i][0]), len(gen[i]), done[i]) for i in range(n)]
+
+    def _generate_sequential(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
         out: list[Generation | Exception] = []
         for p in prompts:
             try:
@@ -114,6 +256,11 @@ class LlamaCppBackend(Backend):
         return {"backend": self.name, "model": self.model_id, **{k: v for k, v in self.options.items() if v}}
 
     def close(self) -> None:
+        if getattr(self, "_bctx", None) is not None:
+            import llama_cpp
+
+            llama_cpp.llama_free(self._bctx[0])
+            self._bctx = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
