@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("inputs", nargs="+", help="JSONL files with query/response (build-data validation files work)")
     ap.add_argument("--model", action="append", required=True, help="corrector: smollm2, a train output dir, a name")
     ap.add_argument("--objectives", "-O", default="harmless,helpful")
+    ap.add_argument("--template", help="template for every corrector (default: each one's own)")
+    ap.add_argument("--threads", type=int, help="llama.cpp threads")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, default=0, help="first N records of each file (0 = all)")
@@ -87,6 +89,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "metaalign_cli", "correct", "--model", model, "-O", a.objectives,
                    "--max-new-tokens", str(a.max_new_tokens), "--batch-size", str(a.batch_size),
                    "--on-error", "keep", "-q", "-o", str(dst), "--resume"]
+            cmd += ["--template", a.template] if a.template else []
+            cmd += ["--threads", str(a.threads)] if a.threads else []
             subprocess.run(cmd, input=data.encode("utf-8"), check=False)
             rows = [json.loads(l) for l in dst.read_text(encoding="utf-8").splitlines() if l.strip()]
             table.append((inp, model, stats(rows)))

@@ -359,3 +359,67 @@ def test_broken_pipe_is_quiet():
                        shell=True, input=recs.encode(), capture_output=True, cwd=REPO,
                        executable="/bin/bash")
     assert p.stdout.count(b"\n") == 1 and b"Traceback" not in p.stderr and b"error" not in p.stderr
+
+
+def test_second_trial_findings_are_one_line_errors(tmp_path, smollm2_gguf):
+    """A fresh user's second trial: each of these crashed, printed a traceback or 'Aborted.',
+    or blamed the wrong file. Each is now one line naming the file, exit 2."""
+    import gzip
+    import random
+
+    rec = tmp_path / "r.jsonl"
+    rec.write_text('{"query": "q", "response": "r"}\n', encoding="utf-8")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model")
+    rnd = random.Random(0)
+    full = tmp_path / "full.jsonl.gz"
+    with gzip.open(full, "wt", encoding="utf-8") as fh:
+        for i in range(3000):
+            fh.write(json.dumps({"query": f"q{i}", "response": "".join(rnd.choice("abcdefgh ") for _ in range(80)),
+                                 "golden": "g", "corrected": "c"}) + "\n")
+    trunc = tmp_path / "trunc.jsonl.gz"
+    trunc.write_bytes(full.read_bytes()[:40000])
+    notgz = tmp_path / "plain.jsonl.gz"
+    notgz.write_text('{"query": "q"}\n', encoding="utf-8")
+    home = tmp_path / "home"
+    (home / "models" / "default").mkdir(parents=True)
+    (home / "models" / "default" / "metaalign.json").write_text('{"gguf": 5}', encoding="utf-8")
+    cases = [
+        (("correct", str(rec), "--lora", str(tmp_path / "none.gguf")), f"{tmp_path / 'none.gguf'}: LoRA adapter file not found"),
+        (("correct", str(rec), "--lora", str(junk)), f"{junk}: not a GGUF file"),
+        (("correct", str(rec), "--lora", str(smollm2_gguf)), "not a GGUF LoRA adapter (general.type is 'model'"),
+        (("correct", str(trunc), "--max-new-tokens", "1"), f"{trunc}: truncated gzip stream"),
+        (("correct", str(notgz)), f"{notgz}: not a valid gzip file"),
+        (("judge", str(trunc), "--dry-run"), f"{trunc}: truncated gzip stream"),
+        (("build-data", str(trunc), "--format", "pairwise", "-o", str(tmp_path / "bd")), f"{trunc}: truncated gzip stream"),
+        (("judge", str(full), "--dry-run", "--cache", str(junk)), f"{junk}: cannot use as the judge cache: file is not a database"),
+        (("judge", str(full), "--dry-run", "--cache", str(tmp_path)), "--cache is a directory"),
+        (("correct", str(rec), "--output-field", "metaalign"), "--output-field 'metaalign' is reserved"),
+        (("correct", str(rec), "--model", str(rec)), f"{rec}: not a model"),
+        (("export", str(tmp_path), "--install", "../escape"), "invalid corrector name '../escape'"),
+        (("correct", str(rec), "--model", "default"), "metaalign.json: field 'gguf': expected a string"),
+    ]
+    for args, msg in cases:
+        env = {"METAALIGN_HOME": str(home if "default" in args else tmp_path / "clean-home")}
+        extra = {"correct": ("-O", "harmless", "--threads", "1"), "judge": ("-O", "harmless")}.get(args[0], ())
+        p = run_cli(*args, *extra, env=env)
+        err = p.stderr.decode()
+        assert p.returncode == 2, (args, p.returncode, err[-800:])
+        assert msg in err and "Traceback" not in err, (args, err[-800:])
+    assert not (home / "escape").exists() and not (tmp_path / "escape").exists()
+
+
+def test_resume_refuses_to_mix_settings(tmp_path):
+    """`--resume` with other objectives or generation settings than the file was written with
+    is refused (the finished file must equal one uninterrupted run's); the same settings resume."""
+    out = tmp_path / "o.jsonl"
+    args = ("correct", str(EX), "--max-new-tokens", "2", "--threads", "1", "-q", "-o", str(out))
+    assert run_cli(*args, "-O", "humor").returncode == 0
+    out.write_text("".join(out.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    p = run_cli(*args, "-O", "harmless", "--resume")
+    assert p.returncode == 2 and "objectives ['humor'] there, ['harmless'] now" in p.stderr.decode()
+    p = run_cli(*(a if a != "2" else "3" for a in args), "-O", "humor", "--resume")
+    assert p.returncode == 2 and "generation: max_new_tokens 2 there, 3 now" in p.stderr.decode()
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2  # nothing appended by a refused run
+    p = run_cli(*args, "-O", "humor", "--resume")
+    assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5

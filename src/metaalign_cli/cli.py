@@ -101,15 +101,15 @@ def correct_cmd(
     resume: bool = typer.Option(False, "--resume", help="With -o FILE: skip records already in FILE."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Cap on generated tokens (capped at half the context)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="1.0 = none."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="0 = off."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", min=0.01, help="1.0 = none."),
     seed: int = typer.Option(0, "--seed"),
     loop_guard: bool = typer.Option(True, "--loop-guard/--no-loop-guard",
                                     help="Stop a generation whose tail repeats (finish_reason 'loop')."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Records per generation call: one padded batch (transformers), one llama.cpp batch when greedy (llama-cpp)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight (openai/anthropic)."),
-    n_ctx: int = typer.Option(4096, "--n-ctx", min=64, help="Context tokens (llama-cpp)."),
+    n_ctx: int = typer.Option(4096, "--n-ctx", min=256, help="Context tokens (llama-cpp; at least 256)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (llama-cpp). Default: all cores."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers on the GPU (llama-cpp); -1 = all."),
     lora: Optional[str] = typer.Option(None, "--lora", help="GGUF LoRA adapter (llama-cpp)."),
@@ -138,6 +138,8 @@ def correct_cmd(
     if output != "-" and input != "-" and Path(output).resolve() == Path(input).resolve():
         raise fail(f"{output}: the output file is the input file; write to another file")
     _check_output(output)
+    if output_field in ("metaalign", "error"):
+        raise fail(f"--output-field '{output_field}' is reserved for the provenance object and errors; choose another name")
     if output_field in {f for f in (query_field, response_field) if f}:
         raise fail(f"--output-field '{output_field}' would overwrite the input's query or response field")
     with cli_errors():
@@ -171,9 +173,21 @@ def correct_cmd(
         # the transformers backend loads the HF model at the top of the directory instead.
         use_gguf = bool(card.get("gguf")) and backend in (None, "llama-cpp")
         model_arg = card["gguf"] if use_gguf else model
+        if (model_arg and not use_gguf and not base_url and backend in (None, "llama-cpp", "transformers")
+                and Path(model_arg).is_file() and not str(model_arg).lower().endswith(".gguf")):
+            raise fail(f"{model_arg}: not a model: give a .gguf file, a model directory, a hub id or an installed "
+                       "corrector's name")
         be = make_backend(backend, model_arg, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
                           lora_path=lora or (card.get("lora") if use_gguf else None), device=device,
                           dtype=dtype, batch_size=batch_size, concurrency=concurrency, seed=seed)
+        if resume:
+            from metaalign_cli.correction import resume_mismatch
+
+            why = resume_mismatch(output, be, opts)
+            if why:
+                be.close()
+                raise fail(f"{output}: --resume would mix settings in one file ({why}); "
+                           "rerun with the same settings, or write to another file")
         progress = _progress(quiet)
         try:
             with JsonlWriter(output, append=resume) as writer, progress as prog:

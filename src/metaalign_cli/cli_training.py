@@ -126,7 +126,10 @@ def export_cmd(
 
     with cli_errors():
         from metaalign_cli.export import export_gguf
-        from metaalign_cli.models import install_corrector
+        from metaalign_cli.models import check_name, install_corrector
+
+        if install is not None:
+            check_name(install)  # before the (slow) export
 
         out = export_gguf(model_dir, split_names(types), out_dir=output, lora=lora,
                           log=lambda m: console.print(m, markup=False))

@@ -8,9 +8,12 @@ record. Output is written record by record in input order; errors are handled pe
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from metaalign_cli import __version__
@@ -262,3 +265,43 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
     finally:
         report.seconds = time.perf_counter() - t0
     return report
+
+
+def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionOptions) -> str | None:
+    """Why the records already in ``path`` were corrected with other settings than ``opts``
+    on ``backend`` (model, template, prompt format, generation settings, or the objectives of
+    a record that has no own list), or None when they match or the file holds none. `--resume`
+    refuses to mix settings in one output file."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    settings = effective_settings(opts.settings, backend)
+    now = {"model": backend.info().get("model"), "template": opts.template.name,
+           "prompt_format": opts.prompt_format or opts.template.prompt_format, "generation": settings.to_dict()}
+    flag = [o.name for o in opts.objectives] if opts.objectives else None
+    checked_objectives = flag is None
+    with open(p, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            prov = rec.get("metaalign") if isinstance(rec, dict) else None
+            if not isinstance(prov, dict):
+                continue
+            for k, v in now.items():
+                if k in prov and prov[k] != v:
+                    if isinstance(v, dict) and isinstance(prov[k], dict):
+                        diff = [f"{sub} {prov[k].get(sub)!r} there, {v.get(sub)!r} now"
+                                for sub in sorted(set(v) | set(prov[k])) if prov[k].get(sub) != v.get(sub)]
+                        return f"{k}: " + "; ".join(diff)
+                    return f"{k} {prov[k]!r} there, {v!r} now"
+            if not checked_objectives and "objectives" not in rec and "objectives" in prov:
+                if prov["objectives"] != flag:
+                    return f"objectives {prov['objectives']!r} there, {flag!r} now"
+                checked_objectives = True
+            if checked_objectives:
+                return None
+    return None

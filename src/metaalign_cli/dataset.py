@@ -408,6 +408,10 @@ def _json_array_rows(path: str) -> Iterator[_Row]:
         raise InputError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", source=path) from None
     except UnicodeDecodeError as e:
         raise InputError(f"invalid UTF-8 at byte {e.start}", source=path) from None
+    except (EOFError, OSError) as e:
+        from metaalign_cli.records import _read_error
+
+        raise _read_error(path, e) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

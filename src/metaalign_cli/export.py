@@ -303,7 +303,9 @@ def export_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | N
         if t not in FTYPES:
             raise MetaAlignError(f"unknown GGUF type '{t}' (known: {', '.join(FTYPES)})")
     card_path = model_dir / "metaalign.json"
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    from metaalign_cli.models import load_card_json
+
+    card = load_card_json(card_path) if card_path.is_file() else {}
     base = card.get("base_model")
     ref = base if base and str(base).endswith(".gguf") else None
     out = Path(out_dir) if out_dir else model_dir / "gguf"

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
-from metaalign_cli.errors import InputError, UnknownNameError
+from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
 from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response,
                                    string_field)
@@ -171,14 +171,21 @@ class JudgeCache:
     parsed are ever stored (the caller's job, see :func:`judge_units`)."""
 
     def __init__(self, path: str | os.PathLike):
+        """Open (creating when needed) the cache at ``path``. Raises MetaAlignError when the
+        path is a directory, not an SQLite file, or cannot be created."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise MetaAlignError(f"{self.path}: --cache is a directory; give a file path")
         self._lock = threading.Lock()
-        self.conn = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS judge_answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, "
-                          "prompt_tokens INTEGER, completion_tokens INTEGER, model TEXT, created REAL)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA busy_timeout=60000")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS judge_answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, "
+                              "prompt_tokens INTEGER, completion_tokens INTEGER, model TEXT, created REAL)")
+        except (sqlite3.Error, OSError) as e:
+            raise MetaAlignError(f"{self.path}: cannot use as the judge cache: {e}") from None
         self.hits = 0
         self.misses = 0
 

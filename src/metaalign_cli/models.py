@@ -35,7 +35,9 @@ def models_dir() -> Path:
 
 def find_corrector(name: str) -> Path | None:
     """The directory of the installed corrector ``name`` (it holds ``metaalign.json``), or None."""
-    if not name or "/" in name or os.sep in name or name.startswith("."):
+    try:
+        check_name(name)
+    except MetaAlignError:
         return None
     d = models_dir() / name
     return d if (d / MODEL_CARD).is_file() else None
@@ -50,12 +52,12 @@ def read_card(directory: str | Path) -> dict:
     path = d / MODEL_CARD
     if not path.is_file():
         return {}
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MetaAlignError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(card, dict):
-        raise MetaAlignError(f"{path}: expected a JSON object")
+    card = load_card_json(path)
+    for key in ("template", "prompt_format", "gguf", "lora", "gguf_lora", "base_model"):
+        if card.get(key) is not None and not isinstance(card[key], str):
+            raise MetaAlignError(f"{path}: field '{key}': expected a string")
+    if card.get("prompt_format") not in (None, "raw", "chat"):
+        raise MetaAlignError(f"{path}: field 'prompt_format': must be raw or chat, not {card['prompt_format']!r}")
     for key in ("gguf", "lora", "gguf_lora"):
         value = card.get(key)
         if not value:
@@ -75,6 +77,32 @@ def read_card(directory: str | Path) -> dict:
     return card
 
 
+def load_card_json(path: Path) -> dict:
+    """The JSON object in ``path``; MetaAlignError (naming the file) when it is not one."""
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MetaAlignError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise MetaAlignError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(card, dict):
+        raise MetaAlignError(f"{path}: expected a JSON object")
+    return card
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name an installed corrector (letters, digits, ``._-``, not starting
+    with a dot, not ``smollm2``); MetaAlignError otherwise."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", name or ""):
+        raise MetaAlignError(f"invalid corrector name {name!r}: use letters, digits, '.', '_' and '-' "
+                             "(not starting with '.')")
+    if name == PROMPTED_DEFAULT:
+        raise MetaAlignError(f"'{PROMPTED_DEFAULT}' names the embedded prompted model; choose another name")
+    return name
+
+
 def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
     """Copy an exported corrector from a `metaalign train` output directory into
     ``models_dir()/name`` (a GGUF LoRA adapter when the run has one, else its GGUF) with a
@@ -83,6 +111,7 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
 
     Raises MetaAlignError when the run has no GGUF export (run ``metaalign export`` first).
     """
+    check_name(name)
     run = Path(run_dir)
     card = read_card(run)
     if not card:

@@ -96,6 +96,33 @@ def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
     return open(p, "rb")
 
 
+def _read_error(src: str, e: BaseException) -> InputError:
+    """A read failure of an input (corrupt or truncated gzip, I/O error) as one InputError."""
+    if isinstance(e, EOFError):
+        return InputError("truncated gzip stream (the file ends early)", source=src)
+    import zlib
+
+    if isinstance(e, zlib.error) or type(e).__name__ == "BadGzipFile":
+        return InputError(f"not a valid gzip file: {e}", source=src)
+    return InputError(f"cannot read input: {getattr(e, 'strerror', None) or e}", source=src)
+
+
+def _raw_lines(fh: IO[bytes], src: str) -> Iterator[bytes]:
+    """The lines of ``fh``; read failures become InputError (see :func:`_read_error`)."""
+    while True:
+        try:
+            raw = fh.readline()
+        except (EOFError, OSError) as e:
+            raise _read_error(src, e) from None
+        except Exception as e:  # zlib.error is not an OSError
+            if type(e).__module__ == "zlib":
+                raise _read_error(src, e) from None
+            raise
+        if not raw:
+            return
+        yield raw
+
+
 def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     """Yield a :class:`SourceRecord` per non-blank line of a JSONL file (``-``/None: stdin,
     ``.gz``: gzip). Invalid UTF-8, invalid JSON and non-object lines become records with
@@ -103,7 +130,7 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     src = source_name(path)
     fh = _open_binary(path)
     try:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(_raw_lines(fh, src), start=1):
             if not raw.strip():
                 continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -165,6 +192,8 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             raise InputError(f"invalid UTF-8 at byte {e.start}", source=src) from None
         except csv.Error as e:
             raise InputError(f"invalid CSV: {e}", source=src) from None
+        except (EOFError, OSError) as e:
+            raise _read_error(src, e) from None
     finally:
         if fh is not sys.stdin.buffer:
             fh.close()

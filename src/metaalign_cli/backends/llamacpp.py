@@ -39,6 +39,8 @@ class LlamaCppBackend(Backend):
             from llama_cpp import Llama
         except ImportError:
             raise MetaAlignError("the llama-cpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
+        if lora_path:
+            _check_lora(Path(lora_path))
         self.threads = threads or os.cpu_count() or 1
         self.model_id = str(path)
         self.options = {"n_ctx": n_ctx, "threads": self.threads, "n_gpu_layers": n_gpu_layers,
@@ -264,3 +266,24 @@ class LlamaCppBackend(Backend):
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
+
+
+def _check_lora(path: Path) -> None:
+    """Raise MetaAlignError unless ``path`` is a GGUF LoRA adapter (``general.type`` adapter):
+    llama.cpp crashes the process on a missing file or on a full model given as an adapter."""
+    if not path.is_file():
+        raise MetaAlignError(f"{path}: LoRA adapter file not found")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise MetaAlignError(f"{path}: not a GGUF file (a LoRA adapter must be a GGUF; see `metaalign export`)")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return
+    try:
+        field = GGUFReader(str(path)).fields.get("general.type")
+        kind = field.contents() if field is not None else None
+    except Exception as e:  # noqa: BLE001 - a damaged file
+        raise MetaAlignError(f"{path}: unreadable GGUF: {e}") from None
+    if kind != "adapter":
+        raise MetaAlignError(f"{path}: not a GGUF LoRA adapter (general.type is {kind!r}, not 'adapter')")
