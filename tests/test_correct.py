@@ -93,19 +93,28 @@ def test_llamacpp_batch_equals_one_by_one(smollm2_gguf):
     a stop string that cuts the text)."""
     from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
 
-    prompts = [Prompt("The capital of France is"), Prompt("Human: Name three colours.\n\nAssistant:"),
-               Prompt("1, 2, 3, 4,"), Prompt("Write a haiku about rain.", chat=True)]
+    mixed = [Prompt("The capital of France is"), Prompt("Human: Name three colours.\n\nAssistant:"),
+             Prompt("1, 2, 3, 4,"), Prompt("Write a haiku about rain.", chat=True)]
+    # Prompts with a shared opening of more than 16 tokens: it is prefilled once and its KV copied.
+    head = "You are an assistant to human. You will be provided with a query and an answer. Edit the answer. | Query: "
+    shared = [Prompt(head + q + " | Answer: " + a + " | Edit: ") for q, a in
+              (("Name a prime.", "4"), ("What is the capital of Italy?", "Paris"), ("Say hi.", "Go away."))]
     be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=512, threads=2)
+    from metaalign_cli.backends.llamacpp import _common_prefix
+
+    assert _common_prefix([be._tokens(p)[0] for p in shared]) >= 16
+    assert _common_prefix([be._tokens(p)[0] for p in mixed]) < 16
     try:
-        for st in (GenerationSettings(max_new_tokens=20), GenerationSettings(max_new_tokens=20, stop=(",",))):
-            one = [be.generate([p], st)[0] for p in prompts]
-            many = be.generate(prompts, st)
-            assert [(g.text, g.completion_tokens, g.finish_reason) for g in many] == \
-                [(g.text, g.completion_tokens, g.finish_reason) for g in one]
-            assert [g.prompt_tokens for g in many] == [be.count_prompt_tokens(p) for p in prompts]
-        assert [g.finish_reason for g in one].count("stop") >= 2  # "1, 2, 3, 4," went on to a comma
-        assert "," not in "".join(g.text for g in many)
-        assert be._bctx is not None and be._bctx[2] == len(prompts)  # the batch path ran
+        for prompts in (mixed, shared):
+            for st in (GenerationSettings(max_new_tokens=20), GenerationSettings(max_new_tokens=20, stop=(",",))):
+                one = [be.generate([p], st)[0] for p in prompts]
+                many = be.generate(prompts, st)
+                assert [(g.text, g.completion_tokens, g.finish_reason) for g in many] == \
+                    [(g.text, g.completion_tokens, g.finish_reason) for g in one]
+                assert [g.prompt_tokens for g in many] == [be.count_prompt_tokens(p) for p in prompts]
+                assert "," not in "".join(g.text for g in many) or not st.stop
+            assert be._bctx is not None and be._bctx[2] == len(prompts)  # the batch path ran
+        assert any(g.text for g in many)
     finally:
         be.close()
 

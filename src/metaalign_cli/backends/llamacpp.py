@@ -8,6 +8,8 @@ from pathlib import Path
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
 from metaalign_cli.errors import MetaAlignError
 
+MAX_BATCH_SEQUENCES = 64  # sequences decoded together at most (llama.cpp allows 256)
+
 
 class LlamaCppBackend(Backend):
     """A GGUF model through llama-cpp-python.
@@ -18,9 +20,11 @@ class LlamaCppBackend(Backend):
     ``tokenizer.chat_template`` so prompt token counts are exact.
 
     Several prompts given to :meth:`generate` at once (``correct --batch-size N``) are decoded
-    together in one llama.cpp batch (one sequence id and KV stream each) when decoding is
-    greedy without repeat penalty, the paper's setting; sampling settings decode one sequence
-    after another through llama-cpp-python's high-level API.
+    together in one llama.cpp batch (one sequence id and KV stream each, up to 64 at a time) when
+    decoding is greedy without repeat penalty, the paper's setting. The template's shared opening
+    is prefilled once and its KV cells copied to every sequence. Sampling settings decode one
+    sequence after another through llama-cpp-python's high-level API. The outputs are the same
+    either way.
 
     Raises MetaAlignError when the file is missing or cannot be loaded.
     """
@@ -94,8 +98,10 @@ class LlamaCppBackend(Backend):
                 except Exception as e:  # noqa: BLE001 - reported for this prompt only
                     toks.append(e)
             ok = [i for i, t in enumerate(toks) if not isinstance(t, Exception)]
+            gens = []
             try:
-                gens = self._generate_batched([toks[i] for i in ok], settings) if ok else []
+                for k in range(0, len(ok), MAX_BATCH_SEQUENCES):
+                    gens += self._generate_batched([toks[i] for i in ok[k:k + MAX_BATCH_SEQUENCES]], settings)
             except Exception:  # noqa: BLE001 - the batch failed as a whole: decode one by one
                 return self._generate_sequential(prompts, settings)
             for i, g in zip(ok, gens):
@@ -143,8 +149,8 @@ class LlamaCppBackend(Backend):
                           settings: GenerationSettings) -> list[Generation]:
         """Greedy decoding of several prompts in one llama.cpp batch.
 
-        ``items``: (prompt token ids, extra stop strings) per prompt. Prompts are prefilled in
-        chunks of up to 512 tokens, then every step decodes one token for each unfinished
+        ``items``: (prompt token ids, extra stop strings) per prompt. Each prompt is prefilled on
+        its own in chunks of up to 512 tokens, then every step decodes one token for each unfinished
         sequence in a single ``llama_decode`` call. Each sequence stops at an end-of-generation
         token, a stop string (the text is cut before it), the loop guard, or
         ``max_new_tokens``; finish reasons as in the sequential path. Raises MetaAlignError
@@ -184,15 +190,23 @@ class LlamaCppBackend(Backend):
                     nxt[seq] = int(logits.argmax())
 
         try:
-            pending = []
-            for seq, (toks, _) in enumerate(items):
-                for pos, tok in enumerate(toks):
-                    pending.append((seq, tok, pos, pos == len(toks) - 1))
-                    if len(pending) == cap:
-                        run(pending)
-                        pending = []
-            if pending:
-                run(pending)
+            # The prompts share the template's opening: prefill it once (sequence 0) and copy its
+            # KV cells to the others, then prefill the rest of each prompt on its own.
+            shared = _common_prefix([t for t, _ in items])
+            shared = min(shared, min(len(t) for t, _ in items) - 1)
+            if n > 1 and shared >= 16:
+                entries = [(0, tok, pos, False) for pos, tok in enumerate(items[0][0][:shared])]
+                for i in range(0, len(entries), cap):
+                    run(entries[i:i + cap])
+                mem = llama_cpp.llama_get_memory(ctx)
+                for seq in range(1, n):
+                    llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)
+            else:
+                shared = 0
+            for seq, (toks, _) in enumerate(items):  # one sequence at a time (faster on CPU)
+                entries = [(seq, tok, pos, pos == len(toks) - 1) for pos, tok in enumerate(toks) if pos >= shared]
+                for i in range(0, len(entries), cap):
+                    run(entries[i:i + cap])
             while True:
                 step = []
                 for seq in range(n):
@@ -208,10 +222,10 @@ class LlamaCppBackend(Backend):
                     if cut:
                         texts[seq] = texts[seq][:min(cut)]
                         done[seq] = "stop"
-                    elif settings.loop_guard and len(gen[seq]) % 8 == 0 and is_looping(gen[seq]):
-                        done[seq] = "loop"
                     elif len(gen[seq]) >= settings.max_new_tokens:
                         done[seq] = "length"
+                    elif settings.loop_guard and len(gen[seq]) % 8 == 0 and is_looping(gen[seq]):
+                        done[seq] = "loop"
                     else:
                         step.append((seq, tok, len(items[seq][0]) + len(gen[seq]) - 1, True))
                 if not step:
@@ -287,3 +301,14 @@ def _check_lora(path: Path) -> None:
         raise MetaAlignError(f"{path}: unreadable GGUF: {e}") from None
     if kind != "adapter":
         raise MetaAlignError(f"{path}: not a GGUF LoRA adapter (general.type is {kind!r}, not 'adapter')")
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix all token lists share."""
+    first = seqs[0]
+    n = min(len(t) for t in seqs)
+    for i in range(n):
+        tok = first[i]
+        if any(t[i] != tok for t in seqs):
+            return i
+    return n
