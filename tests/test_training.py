@@ -378,12 +378,31 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
 
     # Installed as the default corrector (GGUF base + GGUF LoRA, relocatable card), plain
     # `correct` uses it with the card's raw template; `--model smollm2` stays the prompted default.
+    home = tmp_path / "home"
+    # Through the CLI: the run's own GGUF (this tiny base has no GGUF to put a LoRA on).
+    p = run_cli("export", str(a), "--type", "f32", "--no-lora", "--install", "merged", env={"METAALIGN_HOME": str(home)})
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    mcard = json.loads((home / "models" / "merged" / "metaalign.json").read_text())
+    assert mcard["gguf"] == f"{a.name}-f32.gguf" and "lora" not in mcard
+    assert (home / "models" / "merged" / mcard["gguf"]).is_file()
+    # A base GGUF plus the GGUF LoRA, as the SmolLM2 corrector is installed.
+    card = json.loads((a / "metaalign.json").read_text())
     card["gguf"], card["lora"] = str(base_gguf), card["gguf_lora"]
     (a / "metaalign.json").write_text(json.dumps(card), encoding="utf-8")
-    home = tmp_path / "home"
-    p = run_cli("export", str(a), "--type", "f32", "--no-lora", "--install", "default", env={"METAALIGN_HOME": str(home)})
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    inst = home / "models" / "default"
+    import os
+
+    from metaalign_cli.models import install_corrector
+
+    old_home = os.environ.get("METAALIGN_HOME")
+    os.environ["METAALIGN_HOME"] = str(home)
+    try:
+        inst = install_corrector(a, "default")
+    finally:
+        if old_home is None:
+            os.environ.pop("METAALIGN_HOME")
+        else:
+            os.environ["METAALIGN_HOME"] = old_home
+    assert inst == home / "models" / "default"
     icard = json.loads((inst / "metaalign.json").read_text())
     assert icard["template"] == card["template"] and icard["prompt_format"] == "raw"
     assert (inst / icard["gguf"]).is_file() and (inst / icard["lora"]).is_file()
