@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 
 from metaalign_cli.errors import MetaAlignError
-from metaalign_cli.models import MODEL_CARD  # noqa: F401  (written beside a trained corrector)
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -62,7 +62,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from metaalign_cli.errors import ConfigError, InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
-from metaalign_cli.records import QUERY_FIELDS, RESPONSE_FIELDS, read_csv, read_jsonl
+from metaalign_cli.records import QUERY_FIELDS, READ_ERRORS, RESPONSE_FIELDS, read_csv, read_error, read_jsonl
 from metaalign_cli.templates import CorrectionTemplate
 
 INPUT_FORMATS = ("ultrafeedback", "scored", "pairwise", "hh-rlhf")
@@ -408,10 +408,8 @@ def _json_array_rows(path: str) -> Iterator[_Row]:
         raise InputError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", source=path) from None
     except UnicodeDecodeError as e:
         raise InputError(f"invalid UTF-8 at byte {e.start}", source=path) from None
-    except (EOFError, OSError) as e:
-        from metaalign_cli.records import _read_error
-
-        raise _read_error(path, e) from None
+    except READ_ERRORS as e:
+        raise read_error(path, e) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

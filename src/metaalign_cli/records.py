@@ -8,11 +8,13 @@ caller can decide per record (``--on-error fail|skip|keep``) and nothing is lost
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
 import re
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,34 +92,31 @@ def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
     if not p.exists():
         raise InputError("input file not found", source=str(p))
     if str(p).endswith(".gz"):
-        import gzip
-
         return gzip.open(p, "rb")
     return open(p, "rb")
 
 
-def _read_error(src: str, e: BaseException) -> InputError:
-    """A read failure of an input (corrupt or truncated gzip, I/O error) as one InputError."""
+# What reading an input can raise besides decoding: I/O errors, a truncated gzip stream
+# (EOFError), a corrupt one (zlib.error; gzip.BadGzipFile is an OSError).
+READ_ERRORS = (EOFError, OSError, zlib.error)
+
+
+def read_error(src: str, e: BaseException) -> InputError:
+    """One of :data:`READ_ERRORS` raised while reading input ``src``, as one InputError."""
     if isinstance(e, EOFError):
         return InputError("truncated gzip stream (the file ends early)", source=src)
-    import zlib
-
-    if isinstance(e, zlib.error) or type(e).__name__ == "BadGzipFile":
+    if isinstance(e, (zlib.error, gzip.BadGzipFile)):
         return InputError(f"not a valid gzip file: {e}", source=src)
     return InputError(f"cannot read input: {getattr(e, 'strerror', None) or e}", source=src)
 
 
 def _raw_lines(fh: IO[bytes], src: str) -> Iterator[bytes]:
-    """The lines of ``fh``; read failures become InputError (see :func:`_read_error`)."""
+    """The lines of ``fh``; :data:`READ_ERRORS` become InputError (see :func:`read_error`)."""
     while True:
         try:
             raw = fh.readline()
-        except (EOFError, OSError) as e:
-            raise _read_error(src, e) from None
-        except Exception as e:  # zlib.error is not an OSError
-            if type(e).__module__ == "zlib":
-                raise _read_error(src, e) from None
-            raise
+        except READ_ERRORS as e:
+            raise read_error(src, e) from None
         if not raw:
             return
         yield raw
@@ -192,8 +191,8 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             raise InputError(f"invalid UTF-8 at byte {e.start}", source=src) from None
         except csv.Error as e:
             raise InputError(f"invalid CSV: {e}", source=src) from None
-        except (EOFError, OSError) as e:
-            raise _read_error(src, e) from None
+        except READ_ERRORS as e:
+            raise read_error(src, e) from None
     finally:
         if fh is not sys.stdin.buffer:
             fh.close()

@@ -855,7 +855,7 @@ def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, pro
     if lora:
         card["adapter"] = "adapter"
         card["lora_r"] = cfg.lora_r
-    from metaalign_cli.cli_common import MODEL_CARD
+    from metaalign_cli.models import MODEL_CARD
 
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return card
