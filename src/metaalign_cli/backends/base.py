@@ -105,6 +105,12 @@ class Backend(abc.ABC):
         """One result per prompt, in order: a Generation, or the Exception that failed that
         prompt (a failure never takes another prompt's result)."""
 
+    @property
+    def weights_id(self) -> str:
+        """The model id plus whatever changes its weights at load time (a LoRA adapter, a
+        re-quantization): what a cache of its answers is keyed on."""
+        return self.model_id
+
     def info(self) -> dict:
         """Provenance: backend name, model id and load options (never secrets)."""
         return {"backend": self.name, "model": self.model_id}
