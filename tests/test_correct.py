@@ -433,6 +433,32 @@ def test_bom_csv_rows_of_wrong_width_nan():
     assert r.returncode == 2 and "<stdin>:1: invalid JSON: NaN is not valid JSON" in r.stderr.decode()
 
 
+def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
+    """CSV: a byte that is not UTF-8 fails its row alone, naming file, line, field and byte
+    (the rows around it are corrected under --on-error keep; the default stops there with
+    exit 2 after writing the rows before it). A header that names a column twice, or has a
+    bad byte, fails the file in one line."""
+    f = tmp_path / "in.csv"
+    f.write_bytes(b'query,response\nHi?,Hello there\n"Q2","bad \xff here\nand more"\nHow?,Fine\n')
+    args = ("correct", str(f), "-O", "helpful", "--max-new-tokens", "2", "--threads", "1", "-q")
+    r = run_cli(*args, "--on-error", "keep")
+    out = lines(r.stdout)
+    assert r.returncode == 1 and len(out) == 3
+    assert out[0]["corrected"] and out[2]["query"] == "How?" and out[2]["corrected"]
+    assert out[1]["error"] == f"{f}:3: field 'response': invalid UTF-8 (byte 0xff after 4 bytes of the field)"
+    r = run_cli(*args)
+    assert r.returncode == 2 and [o["query"] for o in lines(r.stdout)] == ["Hi?"]
+    assert r.stderr.decode().strip().splitlines()[-1] == f"error: {out[1]['error']}"
+    d = tmp_path / "dup.csv"
+    d.write_text("query,response,query\na,b,c\n", encoding="utf-8")
+    r = run_cli(*args[:1], str(d), *args[2:])
+    assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {d}:1: the header names column 'query' twice"
+    d.write_bytes(b"query,resp\xe9nse\na,b\n")
+    r = run_cli(*args[:1], str(d), *args[2:])
+    assert r.returncode == 2 and r.stderr.decode().strip() == \
+        f"error: {d}:1: header: invalid UTF-8 (byte 0xe9 after 4 bytes of column 2's name)"
+
+
 def test_broken_pipe_is_quiet():
     recs = "".join(json.dumps({"query": f"q{i}?", "response": f"r{i}"}) + "\n" for i in range(4))
     p = subprocess.run(f"{sys.executable} -m metaalign_cli correct -O helpful --max-new-tokens 2 -q | head -1",

@@ -240,8 +240,13 @@ def test_scored_tie_margin_objective_map_and_filter(tmp_path, objset):
     pairs, _ = pairs_of([f], objset, objective_map={"safety": "harmless"}, tie_margin=0.0,
                         objectives=[objset.get("helpful")])
     assert [p.relations for p in pairs] == [(("helpful", ">"),)]
-    with pytest.raises(UnknownNameError, match="safety"):
-        pairs_of([f], objset)  # 'safety' is no objective: fails like `correct`
+    # 'safety' is no objective: without a map the row is a bad record; --strict stops there.
+    pairs, stats = pairs_of([f], objset)
+    assert pairs == [] and stats.bad_records == {"unknown_objective": 1}
+    assert stats.examples["unknown_objective"].startswith(f"{f}:1: unknown objective 'safety'")
+    assert "--objective-map safety=OBJECTIVE" in stats.examples["unknown_objective"]
+    with pytest.raises(UnknownNameError, match=f"{f}:1: unknown objective 'safety'"):
+        pairs_of([f], objset, strict=True)
 
 
 def test_pairwise_labels_objectives_csv_and_json(tmp_path, objset):
@@ -349,6 +354,30 @@ def test_cli_strict_one_line_error_exit_2(tmp_path):
     assert "missing_field" in r.stderr.decode()
     stats = json.loads((tmp_path / "o2" / "stats.json").read_text())
     assert stats["bad_records"] == {"missing_field": 1} and stats["items_total"]["preference"] == 1
+    # the failed --strict build left nothing behind: the same command runs again, no --overwrite
+    assert not (tmp_path / "o").exists()
+    keep = tmp_path / "o3" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    r = run_cli("build-data", str(f), "-o", str(keep.parent), "-O", "harmless", "--strict", "--format", "pairwise,sharegpt")
+    assert r.returncode == 2 and sorted(p.name for p in keep.parent.rglob("*")) == ["notes.txt"]
+
+
+def test_unknown_objective_in_a_row_is_a_bad_record(tmp_path):
+    """A label naming no known objective drops that row (counted, with the first message),
+    the other rows build; --strict stops there with exit 2."""
+    f = write_jsonl(tmp_path / "in.jsonl", [
+        {"query": "q1", "chosen": "a", "rejected": "b", "labels": {"harmless": "chosen"}},
+        {"query": "q2", "chosen": "a", "rejected": "b", "labels": {"harmles": "chosen", "helpful": "equal"}}])
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "o"), "--validation-ratio", "0")
+    assert r.returncode == 0, r.stderr.decode()
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["bad_records"] == {"unknown_objective": 1}
+    assert stats["items_total"]["preference"] == 1 and stats["items_total"]["equal"] == 0
+    assert stats["bad_record_examples"]["unknown_objective"].startswith(
+        f"{f}:2: unknown objective 'harmles'; did you mean harmless")
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "o2"), "--strict")
+    assert r.returncode == 2 and f"error: {f}:2: unknown objective 'harmles'" in r.stderr.decode()
 
 
 def test_cli_end_to_end_sharegpt_exclusion_and_errors(tmp_path):

@@ -434,6 +434,31 @@ def test_input_errors_exit_2_before_any_call(tmp_path):
     assert r.returncode == 2 and f"{src}:3: field 'id': duplicate id 'r00' (first on line 1)" in r.stderr.decode()
     r = run_cli("judge", str(src), "--mode", "nope")
     assert r.returncode == 2
+    # A plain file (not corrected yet, no objectives): both fixes named in one line, no call made.
+    plain = _write(tmp_path / "plain.jsonl", [{"query": "q", "golden": "g", "response": "r"}])
+    r = run_cli("judge", str(plain))
+    assert r.returncode == 2 and r.stderr.decode().strip() == (
+        f"error: {plain}:1: field 'corrected': missing candidate response (not corrected yet? name the fields "
+        "to judge with --candidate-field); field 'objectives': no objectives: pass --objectives or give the "
+        "record an 'objectives' list")
+
+
+def test_local_greedy_judge_is_not_re_asked(tmp_path):
+    """The embedded model judging in-process (llama-cpp, greedy): an unparsable answer is final
+    after one call (a re-ask would decode the same text), and --dry-run plans no re-asks."""
+    src = _write(tmp_path / "in.jsonl", SHORT[:1])
+    common = ("-O", "harmless", "--candidate-field", "corrected", "--no-cache", "--threads", "1",
+              "--max-new-tokens", "4", "--retries", "2", "--max-invalid", "1", "--quiet")
+    r = run_cli("judge", str(src), *common, "--dry-run")
+    plan = json.loads(r.stdout)
+    assert r.returncode == 0 and (plan["to_call"], plan["max_calls"]) == (1, 1), r.stderr.decode()
+    r = run_cli("judge", str(src), *common, "-o", str(tmp_path / "o.jsonl"))
+    assert r.returncode in (0, 1), r.stderr.decode()
+    (row,) = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    (j,) = row["judgments"]
+    # 4 tokens of the 135M model under prompt E do not parse: invalid after one call, not three
+    assert row["outcome"] == "invalid" and j["invalid_reason"]
+    assert j["attempts"] == 1 and len(j["raw_answers"]) == 1
 
 
 # --------------------------------------------------------------------------- real model server

@@ -157,8 +157,35 @@ def test_loop_guard_detection():
 def test_alias_that_names_another_objective_is_rejected(tmp_path):
     f = tmp_path / "kind.yaml"
     f.write_text("name: kind\naliases: [harmless]\ndescription: Be kind.\n")
-    with pytest.raises(ConfigError, match=r"kind.yaml: alias 'harmless' is the name of another objective"):
+    with pytest.raises(ConfigError, match=r"kind.yaml: alias 'harmless' is also the name of objective 'harmless' \(.*harmless.yaml\)"):
         load_objectives(files=[f], include_user=False)
+
+
+def test_objective_clashes_between_files_name_both_files(tmp_path):
+    """Two files in one directory declaring one name, and an alias two objectives share, fail
+    at load naming both files; a file given twice, and a user file replacing a built-in (with
+    its aliases), are fine."""
+    d = tmp_path / "objs"
+    d.mkdir()
+    (d / "a.yaml").write_text("name: brief\ndescription: Be brief.\n")
+    (d / "b.yaml").write_text("name: brief\ndescription: Be short.\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: objective 'brief' is also declared in .*a.yaml"):
+        load_objectives(dirs=[d], include_user=False)
+    (d / "b.yaml").write_text("name: terse\naliases: [short]\ndescription: Be terse.\n")
+    (d / "c.yaml").write_text("name: snappy\naliases: [Short]\ndescription: Be snappy.\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: alias 'Short' is also an alias of objective 'terse' \(.*b.yaml\)"):
+        load_objectives(dirs=[d], include_user=False)
+    (d / "c.yaml").unlink()
+    # 'concise' is the built-in length objective's alias; taking it needs replacing `length`.
+    f = tmp_path / "brevity.yaml"
+    f.write_text("name: brevity\naliases: [concise]\ndescription: Be brief.\n")
+    with pytest.raises(ConfigError, match=r"brevity.yaml: alias 'concise' is also an alias of objective 'length'"):
+        load_objectives(dirs=[d], files=[f], include_user=False)
+    g = tmp_path / "length.yaml"
+    g.write_text("name: length\naliases: [concise]\ndescription: Say it in few words.\n")
+    objs = load_objectives(dirs=[d], files=[g, g], include_user=False)
+    assert objs.get("concise").source == str(g) and objs.get("short").name == "terse"
+    assert [o.name for o in objs.resolve("brief,terse,length")] == ["brief", "terse", "length"]
 
 
 def test_template_path_not_found():

@@ -14,7 +14,8 @@ import typer
 
 from metaalign_cli import __version__
 from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli_errors, console, fail,
-                                      load_objective_set, make_backend, model_card, split_names)
+                                      load_objective_set, make_backend, model_card, quiet_libraries,
+                                      split_names)
 
 app = typer.Typer(
     name="metaalign",
@@ -147,6 +148,7 @@ def correct_cmd(
         raise fail(f"--output-field '{output_field}' is reserved for the provenance object and errors; choose another name")
     if output_field in {f for f in (query_field, response_field) if f}:
         raise fail(f"--output-field '{output_field}' would overwrite the input's query or response field")
+    quiet_libraries(quiet)
     with cli_errors():
         from rich.markup import escape
 

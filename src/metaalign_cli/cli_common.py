@@ -49,6 +49,17 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_OK) from None
 
 
+def quiet_libraries(quiet: bool) -> None:
+    """With ``--quiet``, also silence the progress bars that transformers, huggingface_hub and
+    tqdm print on stderr (loading and de-quantizing weights). Must run before they import."""
+    if quiet:
+        import os
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def split_names(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 

@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         OUTPUT/stats.json; a summary goes to stderr. Rows that cannot be used are counted per
         reason (see stats.json); --strict stops at the first one.
         """
-        from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, load_objective_set, split_names
+        from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, load_objective_set, quiet_libraries, split_names
         from metaalign_cli.dataset import BuildOptions, ReadOptions, build_data, load_excluded_queries
         from metaalign_cli.templates import load_template
 
@@ -129,6 +129,7 @@ def register(app: typer.Typer) -> None:
             old = [p for p in _owned_paths(output) if p.exists()]
             if old:
                 raise fail(f"{output}: holds an earlier build ({old[0]}); use --overwrite or another directory")
+        quiet_libraries(quiet)
         with cli_errors():
             objset = load_objective_set(objectives_dir, objective_file)
             objs = objset.resolve(objectives) if split_names(objectives) else None

@@ -71,7 +71,7 @@ def judge_cmd(
     from metaalign_cli import judging
     from metaalign_cli.backends.base import GenerationSettings
     from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, cli_errors, console, fail, load_objective_set,
-                                          make_backend, split_names)
+                                          make_backend, quiet_libraries, split_names)
     from metaalign_cli.records import JsonlWriter, read_records
     from metaalign_cli.templates import load_template
 
@@ -83,6 +83,7 @@ def judge_cmd(
         raise fail("--resume needs -o FILE")
     if plot and mode != "score":
         raise fail("--plot draws score histograms: use it with --mode score")
+    quiet_libraries(quiet)
     with cli_errors():
         objset = load_objective_set(objectives_dir, objective_file)
         objs = objset.resolve(objectives) if split_names(objectives) else None

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from metaalign_cli.cli_common import cli_errors, console
+from metaalign_cli.cli_common import cli_errors, console, quiet_libraries
 
 
 def register(app: typer.Typer) -> None:
@@ -84,6 +84,7 @@ def train_cmd(
         merge=merge, save_steps=save_steps, logging_steps=logging_steps, export_gguf=export_gguf, plot=plot)
     with cli_errors():
         cfg = load_train_config(config, overrides)
+        quiet_libraries(quiet)
         _quiet_libraries()
         from metaalign_cli.training import train_corrector
 

@@ -71,7 +71,7 @@ SPLITS = ("train", "validation", "test")
 
 # Reasons a row (or one response inside a row) is skipped; the order is the report order.
 BAD_RECORD_REASONS = ("invalid_json", "missing_field", "bad_value", "empty_response",
-                      "identical_responses", "non_numeric_score")
+                      "identical_responses", "non_numeric_score", "unknown_objective")
 # Reasons a response pair yields no item: a bad-record reason, or one of these.
 PAIR_DROP_REASONS = BAD_RECORD_REASONS + ("no_comparable_objective", "excluded_query")
 
@@ -450,7 +450,9 @@ def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | Non
     """Rated pairs from each file in turn (format given or guessed per file from its first
     parsable row). Bad rows go to ``stats.problem``; excluded queries to ``stats``.
 
-    Raises InputError (missing file, unguessable format, strict mode), UnknownNameError.
+    A row naming an objective that no objective file declares (after ``objective_map``) is a
+    bad record, ``unknown_objective``, and gives no pair. Raises InputError (missing file,
+    unguessable format, strict mode), UnknownNameError (strict mode).
     """
     if input_format is not None and input_format not in INPUT_FORMATS:
         raise ConfigError(f"unknown input format '{input_format}' (use {', '.join(INPUT_FORMATS)})")
@@ -485,7 +487,13 @@ def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | Non
             if r.error is not None:
                 stats.problem("invalid_json", r.error)
                 continue
-            yield from reader(r, fmt, stem, opts, default_objs, stats)
+            try:
+                pairs = list(reader(r, fmt, stem, opts, default_objs, stats))  # a row's pairs, all or none
+            except UnknownNameError as e:
+                # An objective no file declares: the whole row is a bad record (--strict: stop).
+                stats.problem("unknown_objective", e)
+                continue
+            yield from pairs
 
 
 def _err(r: _Row, message: str, field_name: str | None = None) -> InputError:
@@ -805,6 +813,19 @@ class DatasetWriter:
                     fh.write("[")
                     self.share[(sp, st)] = [fh, 0]
         self.paths = [self.out / sp / f"{st}.jsonl" for sp in splits for st in STAGES]
+        self.created = [self.out / sp / f"{st}{ext}" for sp in splits for st in STAGES
+                        for ext in ((".jsonl", ".sharegpt.json") if sharegpt else (".jsonl",))]
+
+    def remove(self) -> None:
+        """Delete every file this writer created, and split directories left empty (a
+        failed build leaves no half-built dataset behind)."""
+        for p in self.created:
+            p.unlink(missing_ok=True)
+        for d in {p.parent for p in self.created}:
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: it holds files that are not ours
 
     def write(self, item: DatasetItem, split: str) -> None:
         self.files[(split, item.stage)].write(self._dumps(item.to_row(split)) + "\n")
@@ -939,7 +960,7 @@ def build_data(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     split by query and write ``out_dir`` (layout in the module docstring) and ``stats.json``.
 
     Memory: one input row at a time, plus 8 bytes per item for token lengths when counted.
-    Raises InputError (strict mode, unreadable/unguessable input), UnknownNameError,
+    When it raises (or is interrupted) the files it wrote are deleted again. Raises InputError (strict mode, unreadable/unguessable input), UnknownNameError,
     ConfigError, ValueError (ratios out of range).
     """
     for name, v in (("warmup_ratio", opts.warmup_ratio), ("validation_ratio", opts.validation_ratio),
@@ -960,10 +981,12 @@ def build_data(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     }
     tokens = _TokenStats(opts.count_tokens) if opts.count_tokens is not None else None
     out = Path(out_dir)
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     writer = DatasetWriter(out, splits, opts.sharegpt)
     seen_queries: set[int] = set()  # 8-byte digests: exact distinct-query counts, small memory
     last_query = split = None
+    done = False
     try:
         pairs = read_rated_pairs(inputs, opts.input_format, opts.read, stats, on_row)
         for item in build_dynamic_dataset(pairs, opts.read.objective_set, opts.template, opts.seed,
@@ -981,8 +1004,16 @@ def build_data(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
                 stats.objective_frequency[item.stage][n] += 1
             if tokens is not None:
                 tokens.add(item)
+        done = True
     finally:
         writer.close()
+        if not done:  # an error or an interrupt: leave nothing half-built
+            writer.remove()
+            if made_out:
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
     if tokens is not None:
         stats.token_lengths = tokens.result()
     (out / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) + "\n",

@@ -301,22 +301,30 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
                 raise InputError("missing original response", r.source, r.line, "/".join(RESPONSE_FIELDS))
             names = [orig or "response", CORRECTED_FIELD]
         cands: dict[str, str] = {}
+        missing = []  # every missing piece of this record in one error, not one per run
         for n in names:
             if n not in d and n == "response" and messages_text is not None:
                 cands[n] = messages_text
                 continue
             if n not in d:
-                raise InputError("missing candidate response", r.source, r.line, n)
+                hint = " (not corrected yet? name the fields to judge with --candidate-field)" \
+                    if n == CORRECTED_FIELD and not candidate_fields else ""
+                missing.append(f"field '{n}': missing candidate response{hint}")
+                continue
             cands[n] = string_field(r, n, allow_empty=True)
 
         objs = objectives
+        own = None
         if not objs:
             own = d.get("objectives")
             if own is None and isinstance(d.get("metaalign"), dict):
                 own = d["metaalign"].get("objectives")
             if own is None:
-                raise InputError("no objectives: pass --objectives or give the record an 'objectives' list",
-                                 r.source, r.line, "objectives")
+                missing.append("field 'objectives': no objectives: pass --objectives or give the record an "
+                               "'objectives' list")
+        if missing:
+            raise InputError("; ".join(missing), r.source, r.line)
+        if not objs:
             if isinstance(own, str):
                 own = own.split(",")
             if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
@@ -370,7 +378,8 @@ def aspect_text(objective: Objective) -> str:
 class JudgeOptions:
     """How to judge. ``template``: a :class:`~metaalign_cli.templates.JudgeTemplate` of kind
     ``judge-pairwise`` (mode pairwise) or ``judge-score``; ``prompt_format`` overrides the
-    template's (chat by default); ``retries``: re-asks after an unparsable answer;
+    template's (chat by default); ``retries``: re-asks after an unparsable answer (with the
+    seed + 1, + 2, ...; none for a local backend decoding greedily, whose answer cannot change);
     ``concurrency``: units in flight (remote backends only; local ones run one at a time);
     ``rpm``: cap on judge calls per minute (None: no cap)."""
 
@@ -470,7 +479,8 @@ def judge_info(backend: Backend, opts: JudgeOptions) -> dict:
 
 def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
                limiter: RateLimiter, report: JudgeReport, lock: threading.Lock) -> dict:
-    """Ask one prompt: from the cache, else up to 1 + retries calls until the answer parses."""
+    """Ask one prompt: from the cache, else up to 1 + retries calls until the answer parses
+    (one call for a local backend decoding greedily: its answer cannot change)."""
     parse = parse_score if opts.mode == "score" else parse_verdict
     key = cache_key(backend.name, backend.weights_id, opts.settings, ask.prompt)
     out: dict = {"order": ask.order}
@@ -520,6 +530,8 @@ def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: Judge
             if cache is not None:
                 cache.put(key, g.text, g.prompt_tokens, g.completion_tokens, backend.model_id)
             break
+        if settings.greedy and backend.local:
+            break  # a re-ask would decode the very same answer
     out.update(raw_answer=raws[-1] if raws else None, raw_answers=raws, value=last.value,
                invalid_reason=last.reason, attempts=attempts, cached=False, latency_s=round(latency, 4),
                prompt_tokens=ptoks, completion_tokens=ctoks, error=error)
@@ -679,7 +691,8 @@ def dry_run(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, 
     to_call = len(asks) - cached
     return {"units": len(units), "resumed": len(units) - len({u.key for u in units if not (skip and u.key in skip)}),
             "calls": len(asks), "cached": cached, "to_call": to_call,
-            "max_calls": to_call * (1 + max(0, opts.retries)), "input_tokens": tokens,
+            "max_calls": to_call * (1 if opts.settings.greedy and backend.local else 1 + max(0, opts.retries)),
+            "input_tokens": tokens,
             "max_new_tokens": opts.settings.max_new_tokens, "token_count": method}
 
 

@@ -180,8 +180,11 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
                     include_user: bool = True) -> ObjectiveSet:
     """Load the built-in objectives, then the user directory, then ``dirs``, then ``files``.
 
-    Later sources override earlier ones with the same name. Raises ConfigError for a file that
-    does not validate and for a ``dirs``/``files`` entry that does not exist.
+    Later sources override earlier ones with the same name (a user file named like a built-in
+    replaces it, aliases included). Raises ConfigError for a file that does not validate, for
+    a ``dirs``/``files`` entry that does not exist, for two files of one source (one
+    directory, or the ``files``) that declare the same name, and for an alias that two
+    objectives share or that is another objective's name (each names both files).
     """
     objset = ObjectiveSet()
     sources: list[Path] = [builtin_objectives_dir()]
@@ -192,18 +195,27 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
         if not d.is_dir():
             raise ConfigError(f"{d}: objectives directory not found")
         sources.append(d)
-    for d in sources:
-        for f in sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))):
-            objset.add(load_objective_file(f))
     for f in files:
         if not Path(f).is_file():
             raise ConfigError(f"{f}: objective file not found")
-        objset.add(load_objective_file(f))
+    given = list({Path(f).resolve(): Path(f) for f in files}.values())  # a file given twice counts once
+    layers = [sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))) for d in sources] + [given]
+    for layer in layers:
+        seen: dict[str, Objective] = {}
+        for f in layer:
+            obj = load_objective_file(f)
+            if obj.name in seen:
+                raise ConfigError(f"{obj.source}: objective '{obj.name}' is also declared in {seen[obj.name].source}")
+            seen[obj.name] = obj
+            objset.add(obj)
+    owner: dict[str, Objective] = {_key(o.name): o for o in objset.by_name.values()}
     for obj in objset.by_name.values():
         for a in obj.aliases:
-            other = objset.by_name.get(_key(a))
-            if other is not None and other is not obj:
-                raise ConfigError(f"{obj.source}: alias '{a}' is the name of another objective ({other.source})")
+            other = owner.setdefault(_key(a), obj)
+            if other is obj:
+                continue
+            what = "the name" if _key(other.name) == _key(a) else "an alias"
+            raise ConfigError(f"{obj.source}: alias '{a}' is also {what} of objective '{other.name}' ({other.source})")
     return objset
 
 

@@ -162,16 +162,41 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             fh.close()
 
 
+# Bytes that are not UTF-8, as decoding with errors="surrogateescape" keeps them (U+DC80-U+DCFF).
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _bad_utf8(value: str, what: str = "the field") -> str | None:
+    """The message for the first byte of ``value`` that was not UTF-8, or None."""
+    m = _ESCAPED_BYTE.search(value)
+    if m is None:
+        return None
+    before = len(value[:m.start()].encode("utf-8", "surrogateescape"))
+    return f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} after {before} bytes of {what})"
+
+
 def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     """Yield a :class:`SourceRecord` per CSV row (header row gives the field names; ``line``
-    is the line where the row starts). Invalid UTF-8 fails the whole file (InputError)."""
+    is the line where the row starts). A row with invalid UTF-8, or with more or fewer cells
+    than the header, becomes a record with ``error`` set (file, line and field named); the
+    other rows are read. Invalid UTF-8 or a repeated name in the header, and CSV the parser
+    rejects, fail the whole file (InputError)."""
     src = source_name(path)
     fh = _open_binary(path)
     try:
         try:
-            text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")  # -sig: a BOM is no header
+            # -sig: a BOM is no header; surrogateescape: a bad byte fails its row, not the file
+            text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
             reader = csv.DictReader(text, restkey=_EXTRA)
+            header = list(reader.fieldnames or ())
+            for i, name in enumerate(header, start=1):
+                bad = _bad_utf8(name, f"column {i}'s name")
+                if bad:
+                    raise InputError(f"header: {bad}", source=src, line=1)
+            dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+            if dup is not None:
+                raise InputError(f"the header names column '{dup}' twice", source=src, line=1)
             start = 2
             for row in reader:
                 row = dict(row)
@@ -185,10 +210,12 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                     yield SourceRecord(src, start, None, InputError(
                         f"row has {have} fields, the header {width}", source=src, line=start))
                 else:
-                    yield SourceRecord(src, start, row)
+                    bad = next(((k, m) for k, v in row.items() if (m := _bad_utf8(v))), None)
+                    if bad:
+                        yield SourceRecord(src, start, None, InputError(bad[1], source=src, line=start, field=bad[0]))
+                    else:
+                        yield SourceRecord(src, start, row)
                 start = reader.line_num + 1
-        except UnicodeDecodeError as e:
-            raise InputError(f"invalid UTF-8 at byte {e.start}", source=src) from None
         except csv.Error as e:
             raise InputError(f"invalid CSV: {e}", source=src) from None
         except READ_ERRORS as e:

@@ -90,6 +90,9 @@ class Backend(abc.ABC):
 
     name: str = "base"
     model_id: str = ""
+    #: Runs the model in this process: greedy decoding of one prompt gives the same answer every
+    #: time (a remote server may batch, shard or change its model between calls).
+    local: bool = False
 
     def context_length(self) -> int | None:
         """Tokens the model can attend to (prompt + generation), or None when unknown."""

@@ -52,6 +52,7 @@ class TransformersBackend(Backend):
     """
 
     name = "transformers"
+    local = True
 
     def __init__(self, model: str | None, device: str = "auto", dtype: str = "auto",
                  batch_size: int = 8, attn_implementation: str | None = None, **_ignored):

@@ -36,6 +36,7 @@ class LlamaCppBackend(Backend):
     """
 
     name = "llama-cpp"
+    local = True
 
     def __init__(self, model: str | None, n_ctx: int = 4096, threads: int | None = None,
                  n_gpu_layers: int = 0, lora_path: str | None = None, seed: int = 0,
