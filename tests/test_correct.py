@@ -169,8 +169,9 @@ def test_requantized_copy_is_q8_0_within_half_a_step_and_cached(smollm2_gguf, tm
 
 def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
     """`--quant auto` re-quantizes only the embedded model (a copy of the file elsewhere is
-    loaded as it is), `--quant none` never, a bad value is a usage error, and `--resume` refuses
-    to mix re-quantized and original weights in one file."""
+    loaded as it is), `--quant none` never, a bad value is a usage error, `--resume` refuses
+    to mix re-quantized and original weights in one file, and without a writable cache `auto`
+    falls back to the file as it is."""
     import shutil
 
     other = tmp_path / "mine.gguf"
@@ -188,6 +189,16 @@ def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
     p = run_cli(*base, "--quant", "q4_0")
     assert p.returncode == 2 and p.stderr.decode().strip().endswith(
         "error: --quant must be one of auto, none, q8_0, f16, f32, not 'q4_0'")
+    # No writable cache: the default loads the file as it is (a warning); an explicit type fails.
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    p = run_cli(*base, env={"METAALIGN_HOME": str(home)})
+    err = p.stderr.decode()
+    assert p.returncode == 0 and all("quant" not in o["metaalign"] for o in lines(p.stdout))
+    assert f"warning: {home}/cache/gguf: cannot write the re-quantized model" in err and "(--quant none)" in err
+    p = run_cli(*base, "--quant", "q8_0", env={"METAALIGN_HOME": str(home)})
+    assert p.returncode == 2 and p.stderr.decode().strip() == \
+        f"error: {home}/cache/gguf: cannot write the re-quantized model: Not a directory"
 
 
 def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):

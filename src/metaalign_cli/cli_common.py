@@ -110,7 +110,18 @@ def make_backend(backend: str | None, model: str | None, base_url: str | None = 
     from metaalign_cli.backends import create_backend, guess_backend
 
     name = backend or guess_backend(model, base_url)
-    quant = resolve_quant(options.pop("quant", None), model)  # validated for every backend
+    asked = options.pop("quant", None)
+    quant = resolve_quant(asked, model)  # validated for every backend
+    if name == "llama-cpp" and quant and asked in (None, "auto"):
+        # The default's speed-up must never stop a run: without a writable cache, load as is.
+        from metaalign_cli.backends import default_model_path
+        from metaalign_cli.backends.llamacpp import requantized
+
+        try:
+            requantized(model or default_model_path(), quant, options.get("threads"))
+        except (MetaAlignError, FileNotFoundError) as e:
+            console.print(f"warning: {e}; loading the model file as it is (--quant none)", markup=False)
+            quant = None
     if name == "llama-cpp":
         options["quant"] = quant
     opts = {k: v for k, v in options.items() if v is not None}
