@@ -356,11 +356,50 @@ def test_cli_strict_one_line_error_exit_2(tmp_path):
     assert stats["bad_records"] == {"missing_field": 1} and stats["items_total"]["preference"] == 1
     # the failed --strict build left nothing behind: the same command runs again, no --overwrite
     assert not (tmp_path / "o").exists()
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "new" / "deep" / "o"), "-O", "harmless", "--strict")
+    assert r.returncode == 2 and not (tmp_path / "new").exists()  # the parents it made went too
     keep = tmp_path / "o3" / "notes.txt"
     keep.parent.mkdir()
     keep.write_text("mine")
     r = run_cli("build-data", str(f), "-o", str(keep.parent), "-O", "harmless", "--strict", "--format", "pairwise,sharegpt")
     assert r.returncode == 2 and sorted(p.name for p in keep.parent.rglob("*")) == ["notes.txt"]
+    # a failed --overwrite keeps the earlier build whole; an empty build writes nothing
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o2").rglob("*") if p.is_file()}
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "o2"), "-O", "harmless", "--strict", "--overwrite")
+    assert r.returncode == 2
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o2").rglob("*") if p.is_file()} == before
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q2", "chosen": "a"}])
+    r = run_cli("build-data", str(bad), "-o", str(tmp_path / "o2"), "-O", "harmless", "--overwrite", "--format", "pairwise")
+    assert r.returncode == 1 and f"nothing was written to {tmp_path / 'o2'}" in r.stderr.decode()
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "o2").rglob("*") if p.is_file()} == before
+    # --overwrite that succeeds replaces the earlier files (a test split it no longer has goes)
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "o4"), "-O", "harmless", "--test-ratio", "0.5")
+    assert r.returncode == 0 and (tmp_path / "o4" / "test").is_dir()
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "o4"), "-O", "harmless", "--overwrite")
+    assert r.returncode == 0 and not (tmp_path / "o4" / "test").exists()
+    assert sorted(p.name for p in (tmp_path / "o4").iterdir()) == ["stats.json", "train", "validation"]
+
+
+def test_killed_build_leaves_nothing(tmp_path):
+    """SIGTERM in the middle of a build (like Ctrl-C) removes the half-built dataset."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = write_jsonl(tmp_path / "big.jsonl", ({"query": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                                              for i in range(100_000)))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", "build-data", str(f), "-o", str(out), "-O",
+                             "harmless", "-q"], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob(".building-*/train/*.jsonl")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not out.exists()
 
 
 def test_unknown_objective_in_a_row_is_a_bad_record(tmp_path):

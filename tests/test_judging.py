@@ -432,6 +432,16 @@ def test_input_errors_exit_2_before_any_call(tmp_path):
         r = run_cli("judge", str(src), "-O", "harmless", "--base-url", srv.url, "--no-cache")
         assert srv.requests == 0
     assert r.returncode == 2 and f"{src}:3: field 'id': duplicate id 'r00' (first on line 1)" in r.stderr.decode()
+    # Outputs that cannot be written fail before the first judge call, in one line.
+    good = _write(tmp_path / "good.jsonl", _fault_records(2))
+    with FaultServer(prefer_marker) as srv:
+        for extra, msg in ((["--summary", str(tmp_path)], f"{tmp_path}: is a directory; --summary takes a file"),
+                           (["--mode", "score", "--plot", str(tmp_path / "p.txt")],
+                            f"{tmp_path / 'p.txt'}: --plot takes a file ending in .png, .pdf, .svg, .jpg, .jpeg"),
+                           (["-o", str(tmp_path)], f"{tmp_path}: is a directory; -o takes a file")):
+            r = run_cli("judge", str(good), "-O", "harmless", "--base-url", srv.url, "--no-cache", *extra)
+            assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {msg}", r.stderr.decode()
+        assert srv.requests == 0
     r = run_cli("judge", str(src), "--mode", "nope")
     assert r.returncode == 2
     # A plain file (not corrected yet, no objectives): both fixes named in one line, no call made.

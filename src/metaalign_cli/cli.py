@@ -14,8 +14,8 @@ import typer
 
 from metaalign_cli import __version__
 from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli_errors, console, fail,
-                                      load_objective_set, make_backend, model_card, quiet_libraries,
-                                      split_names)
+                                      check_output, load_objective_set, make_backend, model_card,
+                                      quiet_libraries, split_names)
 
 app = typer.Typer(
     name="metaalign",
@@ -143,7 +143,7 @@ def correct_cmd(
         raise fail("--resume needs -o FILE")
     if output != "-" and input != "-" and Path(output).resolve() == Path(input).resolve():
         raise fail(f"{output}: the output file is the input file; write to another file")
-    _check_output(output)
+    check_output(output)
     if output_field in ("metaalign", "error"):
         raise fail(f"--output-field '{output_field}' is reserved for the provenance object and errors; choose another name")
     if output_field in {f for f in (query_field, response_field) if f}:
@@ -227,25 +227,6 @@ def correct_cmd(
                       f"{report.looped} stopped in a repetition loop; "
                       f"{rate:.2f} records/s, {tps:.1f} generated tokens/s", markup=False)
     raise typer.Exit(EXIT_FAILED if report.failed else EXIT_OK)
-
-
-def _check_output(output: str) -> None:
-    """Fail early (before a model loads) when the output cannot be written."""
-    import os
-
-    if output == "-":
-        if sys.stdout is None or sys.stdout.closed:
-            raise fail("standard output is closed")
-        return
-    p = Path(output)
-    if p.is_dir():
-        raise fail(f"{output}: is a directory; -o takes a file")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise fail(f"{output}: cannot write output: {e.strerror or e}")
-    if not os.access(p.parent, os.W_OK):
-        raise fail(f"{output}: cannot write output: permission denied")
 
 
 def _silence_stdout() -> None:

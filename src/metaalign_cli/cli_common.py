@@ -49,6 +49,29 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_OK) from None
 
 
+def check_output(output: str | Path, flag: str = "-o", suffixes: tuple[str, ...] = ()) -> None:
+    """Fail early (before a model loads or a judge is called) when ``output`` cannot be
+    written: a directory, an uncreatable or unwritable parent, or (when ``suffixes`` is given)
+    another file extension. ``-`` is stdout and must be open."""
+    import os
+
+    if str(output) == "-":
+        if sys.stdout is None or sys.stdout.closed:
+            raise fail("standard output is closed")
+        return
+    p = Path(output)
+    if p.is_dir():
+        raise fail(f"{output}: is a directory; {flag} takes a file")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise fail(f"{output}: {flag} takes a file ending in {', '.join(suffixes)}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{output}: cannot write output: {e.strerror or e}")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise fail(f"{output}: cannot write output: permission denied")
+
+
 def quiet_libraries(quiet: bool) -> None:
     """With ``--quiet``, also silence the progress bars that transformers, huggingface_hub and
     tqdm print on stderr (loading and de-quantizing weights). Must run before they import."""

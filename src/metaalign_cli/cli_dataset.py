@@ -53,16 +53,6 @@ def parse_objective_map(values: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _owned_paths(out: Path) -> list[Path]:
-    from metaalign_cli.dataset import SPLITS, STAGES
-
-    paths = [out / "stats.json"]
-    for sp in SPLITS:
-        for st in STAGES:
-            paths += [out / sp / f"{st}.jsonl", out / sp / f"{st}.sharegpt.json"]
-    return paths
-
-
 def register(app: typer.Typer) -> None:
     """Add ``build-data`` to ``app``."""
 
@@ -126,7 +116,9 @@ def register(app: typer.Typer) -> None:
         if output.exists() and not output.is_dir():
             raise fail(f"{output}: exists and is not a directory")
         if not overwrite and output.is_dir():
-            old = [p for p in _owned_paths(output) if p.exists()]
+            from metaalign_cli.dataset import output_files
+
+            old = [p for p in output_files(output) if p.exists()]
             if old:
                 raise fail(f"{output}: holds an earlier build ({old[0]}); use --overwrite or another directory")
         quiet_libraries(quiet)
@@ -147,20 +139,16 @@ def register(app: typer.Typer) -> None:
                 from metaalign_cli.dataset import load_token_counter
 
                 count_tokens = load_token_counter(tokenizer)
-            if overwrite:
-                for p in _owned_paths(output):
-                    if p.exists():
-                        p.unlink()
-                for sp in ("train", "validation", "test"):
-                    d = output / sp
-                    if d.is_dir() and not any(d.iterdir()):
-                        d.rmdir()
             read = ReadOptions(objective_set=objset, objectives=objs, objective_map=omap,
                                tie_margin=tie_margin, exclude=exclude, limit=limit)
             opts = BuildOptions(template=tpl, read=read, input_format=input_format, seed=seed,
                                 split_seed=split_seed, warmup_ratio=warmup_ratio,
                                 validation_ratio=validation_ratio, test_ratio=test_ratio,
                                 sharegpt=sharegpt, strict=strict, count_tokens=count_tokens)
+            # `kill` (SIGTERM) cleans up like Ctrl-C: the half-built dataset is removed.
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
             show = not quiet and sys.stderr.isatty()
             if show:
                 with console.status("reading rows...") as status:
@@ -168,14 +156,15 @@ def register(app: typer.Typer) -> None:
                         if n % 1000 == 0:
                             status.update(f"read {n} rows")
 
-                    stats = build_data([str(p) for p in inputs], output, opts, on_row)
+                    stats = build_data([str(p) for p in inputs], output, opts, on_row, keep_empty=False)
             else:
-                stats = build_data([str(p) for p in inputs], output, opts)
+                stats = build_data([str(p) for p in inputs], output, opts, keep_empty=False)
         if not quiet:
             print_summary(stats.to_dict(), output, console)
         total = sum(stats.to_dict()["items_total"].values())
         if total == 0:
-            raise fail("no items were built (see the dropped pairs above / stats.json)", EXIT_FAILED)
+            raise fail(f"no items were built (see the bad records and dropped pairs above); nothing was written to "
+                       f"{output}", EXIT_FAILED)
 
     return None
 

@@ -71,7 +71,7 @@ def judge_cmd(
     from metaalign_cli import judging
     from metaalign_cli.backends.base import GenerationSettings
     from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, cli_errors, console, fail, load_objective_set,
-                                          make_backend, quiet_libraries, split_names)
+                                          make_backend, quiet_libraries, split_names, check_output)
     from metaalign_cli.records import JsonlWriter, read_records
     from metaalign_cli.templates import load_template
 
@@ -83,6 +83,12 @@ def judge_cmd(
         raise fail("--resume needs -o FILE")
     if plot and mode != "score":
         raise fail("--plot draws score histograms: use it with --mode score")
+    if not dry_run:  # every output is checked before the first (perhaps paid) judge call
+        check_output(output)
+        if summary:
+            check_output(summary, "--summary")
+        if plot:
+            check_output(plot, "--plot", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     quiet_libraries(quiet)
     with cli_errors():
         objset = load_objective_set(objectives_dir, objective_file)
@@ -167,11 +173,17 @@ def judge_cmd(
                        "prompt_tokens": report.prompt_tokens, "completion_tokens": report.completion_tokens,
                        "seconds": round(report.seconds, 3),
                        "calls_per_s": round(report.calls / report.seconds, 3) if report.seconds else None}
+        saved = "the judgments are in " + ("the output" if output == "-" else output) + " and the cache"
         if summary:
-            summary.parent.mkdir(parents=True, exist_ok=True)
-            summary.write_text(json.dumps(summ, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            try:
+                summary.write_text(json.dumps(summ, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            except OSError as e:
+                raise fail(f"{summary}: cannot write the summary: {e.strerror or e} ({saved})")
         if plot:
-            judging.plot_scores(ordered, plot, obj_names, cand_names)
+            try:
+                judging.plot_scores(ordered, plot, obj_names, cand_names)
+            except (OSError, ValueError) as e:
+                raise fail(f"{plot}: cannot write the plot: {getattr(e, 'strerror', None) or e} ({saved})")
         if not quiet:
             _print_summary(summ, console)
     if summ["invalid_rate"] > max_invalid:

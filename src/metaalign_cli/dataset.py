@@ -54,6 +54,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -813,19 +815,6 @@ class DatasetWriter:
                     fh.write("[")
                     self.share[(sp, st)] = [fh, 0]
         self.paths = [self.out / sp / f"{st}.jsonl" for sp in splits for st in STAGES]
-        self.created = [self.out / sp / f"{st}{ext}" for sp in splits for st in STAGES
-                        for ext in ((".jsonl", ".sharegpt.json") if sharegpt else (".jsonl",))]
-
-    def remove(self) -> None:
-        """Delete every file this writer created, and split directories left empty (a
-        failed build leaves no half-built dataset behind)."""
-        for p in self.created:
-            p.unlink(missing_ok=True)
-        for d in {p.parent for p in self.created}:
-            try:
-                d.rmdir()
-            except OSError:
-                pass  # not empty: it holds files that are not ours
 
     def write(self, item: DatasetItem, split: str) -> None:
         self.files[(split, item.stage)].write(self._dumps(item.to_row(split)) + "\n")
@@ -954,13 +943,40 @@ class BuildOptions:
         return ("train", "validation", "test") if self.test_ratio > 0 else ("train", "validation")
 
 
+def output_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Every file a build may write in ``out_dir`` (``stats.json`` and, per split and stage,
+    ``.jsonl`` and ``.sharegpt.json``): what a new build replaces, and nothing else."""
+    out = Path(out_dir)
+    return [out / "stats.json"] + [out / sp / f"{st}{ext}" for sp in SPLITS for st in STAGES
+                                   for ext in (".jsonl", ".sharegpt.json")]
+
+
+def _install(work: Path, out: Path) -> None:
+    """Replace the files of any earlier build in ``out`` by the finished build in ``work``."""
+    for p in output_files(out):
+        p.unlink(missing_ok=True)
+    for sp in SPLITS:
+        d = out / sp
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    for f in sorted(work.rglob("*")):
+        if f.is_file():
+            dst = out / f.relative_to(work)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+
+
 def build_data(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, opts: BuildOptions,
-               on_row: Callable[[int], None] | None = None) -> BuildStats:
+               on_row: Callable[[int], None] | None = None, keep_empty: bool = True) -> BuildStats:
     """Read ``inputs``, build the dynamic multi-objective dataset (Algorithm 1 + warm-up),
     split by query and write ``out_dir`` (layout in the module docstring) and ``stats.json``.
 
+    The build is written to a temporary directory inside ``out_dir`` and moved into place
+    when done, replacing an earlier build's files (:func:`output_files`) and nothing else; a
+    build that raises or is interrupted leaves ``out_dir`` as it was (and removes the
+    directories it created). ``keep_empty=False``: a build with no item is not moved in.
     Memory: one input row at a time, plus 8 bytes per item for token lengths when counted.
-    When it raises (or is interrupted) the files it wrote are deleted again. Raises InputError (strict mode, unreadable/unguessable input), UnknownNameError,
+    Raises InputError (strict mode, unreadable/unguessable input), UnknownNameError,
     ConfigError, ValueError (ratios out of range).
     """
     for name, v in (("warmup_ratio", opts.warmup_ratio), ("validation_ratio", opts.validation_ratio),
@@ -981,41 +997,46 @@ def build_data(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     }
     tokens = _TokenStats(opts.count_tokens) if opts.count_tokens is not None else None
     out = Path(out_dir)
-    made_out = not out.exists()
+    made = [d for d in [out, *out.parents] if not d.exists()]  # directories this build creates
     out.mkdir(parents=True, exist_ok=True)
-    writer = DatasetWriter(out, splits, opts.sharegpt)
-    seen_queries: set[int] = set()  # 8-byte digests: exact distinct-query counts, small memory
-    last_query = split = None
-    done = False
+    work = Path(tempfile.mkdtemp(prefix=".building-", dir=out))  # moved into place when done
+    installed = False
     try:
-        pairs = read_rated_pairs(inputs, opts.input_format, opts.read, stats, on_row)
-        for item in build_dynamic_dataset(pairs, opts.read.objective_set, opts.template, opts.seed,
-                                          opts.warmup_ratio):
-            if item.query is not last_query:
-                split = split_for_query(item.query, opts.validation_ratio, opts.test_ratio, opts.split_seed)
-                key = hash_query(item.query)
-                if key not in seen_queries:
-                    seen_queries.add(key)
-                    stats.queries[split] += 1
-                last_query = item.query
-            writer.write(item, split)
-            stats.items[split][item.stage] += 1
-            for n in item.objectives:
-                stats.objective_frequency[item.stage][n] += 1
-            if tokens is not None:
-                tokens.add(item)
-        done = True
+        writer = DatasetWriter(work, splits, opts.sharegpt)
+        seen_queries: set[int] = set()  # 8-byte digests: exact distinct-query counts, small memory
+        last_query = split = None
+        try:
+            pairs = read_rated_pairs(inputs, opts.input_format, opts.read, stats, on_row)
+            for item in build_dynamic_dataset(pairs, opts.read.objective_set, opts.template, opts.seed,
+                                              opts.warmup_ratio):
+                if item.query is not last_query:
+                    split = split_for_query(item.query, opts.validation_ratio, opts.test_ratio, opts.split_seed)
+                    key = hash_query(item.query)
+                    if key not in seen_queries:
+                        seen_queries.add(key)
+                        stats.queries[split] += 1
+                    last_query = item.query
+                writer.write(item, split)
+                stats.items[split][item.stage] += 1
+                for n in item.objectives:
+                    stats.objective_frequency[item.stage][n] += 1
+                if tokens is not None:
+                    tokens.add(item)
+        finally:
+            writer.close()
+        if tokens is not None:
+            stats.token_lengths = tokens.result()
+        (work / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        if keep_empty or any(sum(c.values()) for c in stats.items.values()):
+            _install(work, out)
+            installed = True
     finally:
-        writer.close()
-        if not done:  # an error or an interrupt: leave nothing half-built
-            writer.remove()
-            if made_out:
+        shutil.rmtree(work, ignore_errors=True)
+        if not installed:  # failed, interrupted or empty: the directories it made go again
+            for d in made:
                 try:
-                    out.rmdir()
+                    d.rmdir()
                 except OSError:
-                    pass
-    if tokens is not None:
-        stats.token_lengths = tokens.result()
-    (out / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) + "\n",
-                                    encoding="utf-8")
+                    break  # not empty: it holds something that is not ours
     return stats
