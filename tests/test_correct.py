@@ -165,6 +165,22 @@ def test_requantized_copy_is_q8_0_within_half_a_step_and_cached(smollm2_gguf, tm
     with pytest.raises(MetaAlignError, match="unknown quantization 'q4_0'"):
         requantized(smollm2_gguf, "q4_0")
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no partial file left
+    # A damaged copy is made again when it fails to load; a conversion clears a killed one's
+    # stale temporary file (an hour old) but not a live one's.
+    import os
+    import time
+
+    from metaalign_cli.backends import create_backend
+
+    size = out.stat().st_size
+    stale, live = out.parent / "x.gguf.1.part", out.parent / "y.gguf.2.part"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"y")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    out.write_bytes(out.read_bytes()[:4096])
+    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=256, threads=1, quant="q8_0")
+    be.close()
+    assert out.stat().st_size == size and not stale.exists() and live.exists()
 
 
 def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
@@ -268,6 +284,10 @@ BAD = [
     ('{"query": "q", "response": "r", "objectives": ["harmles"]}\n', 1,
      "<stdin>:1: field 'objectives': unknown objective 'harmles'; did you mean harmless"),
     ('[1, 2]\n', 1, "<stdin>:1: expected a JSON object, got array"),
+    ('{"query": "q", "response": "r"}\n{"query": "q", "response": "r", "query": "dup"}\n', 2,
+     "<stdin>:2: field 'query': duplicate key in a JSON object (which value is meant?)"),
+    ('{"query": "q", "response": "r", "meta": {"a": 1, "a": 2}}\n', 1,
+     "<stdin>:1: field 'a': duplicate key in a JSON object"),
 ]
 
 
@@ -407,6 +427,8 @@ def test_output_problems_fail_early_in_one_line(tmp_path):
     f.write_text('{"id": 1, "query": "a", "response": "b"}\n')
     cases = [(["-o", str(f), str(f)], "the output file is the input file"),
              (["-o", str(tmp_path), str(f)], "is a directory; -o takes a file"),
+             (["--output-field", " ", str(f)], "--output-field must not be empty"),
+             (["--objectives-dir", str(f), str(f)], "not a directory (use --objective-file for a file)"),
              (["--output-field", "response", "--response-field", "response", str(f)], "would overwrite")]
     for args, msg in cases:
         r = run_cli("correct", "-O", "helpful", *args)
@@ -468,6 +490,35 @@ def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
     r = run_cli(*args[:1], str(d), *args[2:])
     assert r.returncode == 2 and r.stderr.decode().strip() == \
         f"error: {d}:1: header: invalid UTF-8 (byte 0xe9 after 4 bytes of column 2's name)"
+
+
+def test_resume_keeps_the_exit_code_of_kept_failures(tmp_path):
+    """A record kept as failed (`--on-error keep`) is not redone by `--resume` (the finished
+    file equals an uninterrupted run's), so the resumed run still exits 1 and says so."""
+    data = '{"id": "a", "query": "q", "response": "fine"}\n{"id": "b", "query": "q"}\n'
+    out = tmp_path / "o.jsonl"
+    args = ("correct", "-O", "helpful", "--max-new-tokens", "2", "--threads", "1", "--on-error", "keep", "-o", str(out))
+    r = run_cli(*args, input=data)
+    assert r.returncode == 1 and [("error" in o) for o in lines(out.read_bytes())] == [False, True]
+    r = run_cli(*args, "--resume", input=data)
+    assert r.returncode == 1, r.stderr.decode()
+    assert "0 failed, 2 already done (1 of them kept as failed)" in r.stderr.decode()
+    assert len(lines(out.read_bytes())) == 2
+
+
+def test_csv_line_numbers_count_blank_lines_and_multiline_cells(tmp_path):
+    """`line` is where a CSV record starts in the file: blank lines before the header or
+    between rows are skipped but counted, and a quoted cell may span lines."""
+    from metaalign_cli.records import read_csv
+
+    f = tmp_path / "b.csv"
+    f.write_text('\n\nquery,response\nq1,r1\n\n\n"q\n2",r2\nonly\nq3,"r\n\n3"\nq4,r4\n', encoding="utf-8")
+    got = [(r.line, r.data, str(r.error) if r.error else None) for r in read_csv(f)]
+    assert got == [(4, {"query": "q1", "response": "r1"}, None),
+                   (7, {"query": "q\n2", "response": "r2"}, None),
+                   (9, None, f"{f}:9: row has 1 fields, the header 2"),
+                   (10, {"query": "q3", "response": "r\n\n3"}, None),
+                   (13, {"query": "q4", "response": "r4"}, None)]
 
 
 def test_broken_pipe_is_quiet():

@@ -128,7 +128,7 @@ def correct_cmd(
     """
     from metaalign_cli.backends.base import GenerationSettings
     from metaalign_cli.correction import CorrectionOptions, RecordFailed, correct_records
-    from metaalign_cli.records import JsonlWriter, done_keys, read_records
+    from metaalign_cli.records import JsonlWriter, done_keys, kept_failures, read_records
     from metaalign_cli.templates import load_template
 
     if on_error not in ("fail", "skip", "keep"):
@@ -137,6 +137,7 @@ def correct_cmd(
         raise fail(f"--prompt-format must be raw or chat, not '{prompt_format}'")
     from metaalign_cli.cli_common import QUANT_CHOICES
 
+    quant = quant.lower()
     if quant not in QUANT_CHOICES:
         raise fail(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'")
     if resume and output == "-":
@@ -144,6 +145,8 @@ def correct_cmd(
     if output != "-" and input != "-" and Path(output).resolve() == Path(input).resolve():
         raise fail(f"{output}: the output file is the input file; write to another file")
     check_output(output)
+    if not output_field.strip():
+        raise fail("--output-field must not be empty")
     if output_field in ("metaalign", "error"):
         raise fail(f"--output-field '{output_field}' is reserved for the provenance object and errors; choose another name")
     if output_field in {f for f in (query_field, response_field) if f}:
@@ -176,6 +179,7 @@ def correct_cmd(
                                  on_error=on_error, batch_size=batch_size)
         records = read_records(input, input_format)
         skip = done_keys(output) if resume else None
+        failed_before = kept_failures(output, output_field) if resume else 0
         # A trained corrector's directory may hold a GGUF export (and GGUF LoRA) for llama.cpp;
         # the transformers backend loads the HF model at the top of the directory instead.
         use_gguf = bool(card.get("gguf")) and backend in (None, "llama-cpp")
@@ -222,11 +226,12 @@ def correct_cmd(
     if not quiet:
         rate = report.written / report.seconds if report.seconds else 0.0
         tps = report.generated_tokens / report.seconds if report.seconds else 0.0
+        earlier = f" ({failed_before} of them kept as failed)" if failed_before else ""
         console.print(f"corrected {report.corrected} record(s), {report.failed} failed, "
-                      f"{report.resumed} already done, {report.truncated} with the query cut to fit the context, "
+                      f"{report.resumed} already done{earlier}, {report.truncated} with the query cut to fit the context, "
                       f"{report.looped} stopped in a repetition loop; "
                       f"{rate:.2f} records/s, {tps:.1f} generated tokens/s", markup=False)
-    raise typer.Exit(EXIT_FAILED if report.failed else EXIT_OK)
+    raise typer.Exit(EXIT_FAILED if report.failed or failed_before else EXIT_OK)
 
 
 def _silence_stdout() -> None:

@@ -121,6 +121,7 @@ def resolve_quant(quant: str | None, model: str | None) -> str | None:
     pass to the llama-cpp backend, or None. Raises MetaAlignError for another value."""
     from metaalign_cli.models import is_embedded
 
+    quant = quant.lower() if isinstance(quant, str) else quant
     if quant not in (None, *QUANT_CHOICES):
         raise MetaAlignError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'")
     if quant in (None, "auto"):

@@ -193,7 +193,8 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
-            raise ConfigError(f"{d}: objectives directory not found")
+            raise ConfigError(f"{d}: " + ("not a directory (use --objective-file for a file)" if d.exists()
+                                          else "objectives directory not found"))
         sources.append(d)
     for f in files:
         if not Path(f).is_file():

@@ -37,11 +37,27 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-_EXTRA = "\0extra"  # DictReader key for cells beyond the header
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook``: a key twice in one object is an error (json would keep the last
+    value silently, and the record would not come out unchanged)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -141,7 +157,11 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                     f"invalid UTF-8 at byte {e.start}", source=src, line=lineno))
                 continue
             try:
-                data = json.loads(text, parse_constant=_reject_constant)
+                data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                yield SourceRecord(src, lineno, None, InputError(
+                    "duplicate key in a JSON object (which value is meant?)", source=src, line=lineno, field=e.key))
+                continue
             except json.JSONDecodeError as e:
                 yield SourceRecord(src, lineno, None, InputError(
                     f"invalid JSON: {e.msg} (column {e.colno})", source=src, line=lineno))
@@ -188,34 +208,34 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             # -sig: a BOM is no header; surrogateescape: a bad byte fails its row, not the file
             text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.DictReader(text, restkey=_EXTRA)
-            header = list(reader.fieldnames or ())
-            for i, name in enumerate(header, start=1):
-                bad = _bad_utf8(name, f"column {i}'s name")
+            reader = csv.reader(text)
+            header: list[str] | None = None
+            hline = 1
+            prev = 0  # reader.line_num after the previous record: a record starts on prev + 1
+            for cells in reader:
+                start, prev = prev + 1, reader.line_num
+                if not cells:
+                    continue  # a blank line is no record (and not the header)
+                if header is None:
+                    header, hline = cells, start
+                    for i, name in enumerate(header, start=1):
+                        bad = _bad_utf8(name, f"column {i}'s name")
+                        if bad:
+                            raise InputError(f"header: {bad}", source=src, line=hline)
+                    dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+                    if dup is not None:
+                        raise InputError(f"the header names column '{dup}' twice", source=src, line=hline)
+                    continue
+                if len(cells) != len(header):
+                    yield SourceRecord(src, start, None, InputError(
+                        f"row has {len(cells)} fields, the header {len(header)}", source=src, line=start))
+                    continue
+                row = dict(zip(header, cells))
+                bad = next(((k, m) for k, v in row.items() if (m := _bad_utf8(v))), None)
                 if bad:
-                    raise InputError(f"header: {bad}", source=src, line=1)
-            dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
-            if dup is not None:
-                raise InputError(f"the header names column '{dup}' twice", source=src, line=1)
-            start = 2
-            for row in reader:
-                row = dict(row)
-                width = len(reader.fieldnames or ())
-                if _EXTRA in row:
-                    n = width + len(row[_EXTRA])
-                    yield SourceRecord(src, start, None, InputError(
-                        f"row has {n} fields, the header {width}", source=src, line=start))
-                elif any(v is None for v in row.values()):
-                    have = sum(v is not None for v in row.values())
-                    yield SourceRecord(src, start, None, InputError(
-                        f"row has {have} fields, the header {width}", source=src, line=start))
+                    yield SourceRecord(src, start, None, InputError(bad[1], source=src, line=start, field=bad[0]))
                 else:
-                    bad = next(((k, m) for k, v in row.items() if (m := _bad_utf8(v))), None)
-                    if bad:
-                        yield SourceRecord(src, start, None, InputError(bad[1], source=src, line=start, field=bad[0]))
-                    else:
-                        yield SourceRecord(src, start, row)
-                start = reader.line_num + 1
+                    yield SourceRecord(src, start, row)
         except csv.Error as e:
             raise InputError(f"invalid CSV: {e}", source=src) from None
         except READ_ERRORS as e:
@@ -377,3 +397,26 @@ def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> Counter[
                 if line is not None:
                     keys[f"line:{line}"] += 1
     return keys
+
+
+def kept_failures(path: str | os.PathLike, output_field: str = "corrected") -> int:
+    """How many records in an output file were kept as failures by an earlier
+    ``--on-error keep`` run (an ``error`` field and our ``metaalign`` object, no
+    ``output_field``); 0 when the file does not exist. `--resume` does not redo them (the
+    finished file equals an uninterrupted run's), so they still count for the exit code."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    n = 0
+    with open(p, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "error" in rec and isinstance(rec.get("metaalign"), dict) \
+                    and output_field not in rec:
+                n += 1
+    return n

@@ -32,5 +32,6 @@ def load_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> di
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a {what} must be a YAML mapping")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise ConfigError(f"{p}: {article} {what} must be a YAML mapping")
     return data

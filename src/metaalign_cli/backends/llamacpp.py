@@ -57,10 +57,21 @@ class LlamaCppBackend(Backend):
         self.options = {"n_ctx": n_ctx, "threads": self.threads, "n_gpu_layers": n_gpu_layers,
                         "lora_path": lora_path, "flash_attn": flash_attn, "quant": quant}
         load_path = requantized(path, quant, self.threads) if quant else path
+
+        def load():
+            return Llama(model_path=str(load_path), n_ctx=n_ctx, n_threads=self.threads,
+                         n_threads_batch=self.threads, n_gpu_layers=n_gpu_layers,
+                         lora_path=lora_path, seed=seed, flash_attn=flash_attn, verbose=False)
+
         try:
-            self.llm = Llama(model_path=str(load_path), n_ctx=n_ctx, n_threads=self.threads,
-                             n_threads_batch=self.threads, n_gpu_layers=n_gpu_layers,
-                             lora_path=lora_path, seed=seed, flash_attn=flash_attn, verbose=False)
+            try:
+                self.llm = load()
+            except (ValueError, RuntimeError):
+                if load_path == path:
+                    raise
+                load_path.unlink(missing_ok=True)  # a damaged cached copy: made again, once
+                load_path = requantized(path, quant, self.threads)
+                self.llm = load()
         except (ValueError, RuntimeError) as e:
             raise MetaAlignError(f"{path}: cannot load GGUF model: {e}") from None
         self._bctx = None  # (llama_context, n_ctx, n_seq_max) for batched decoding, grown on demand
@@ -331,11 +342,16 @@ def requantized(path: str | os.PathLike, quant: str, threads: int | None = None)
     dst = out_dir / f"{src.stem}.{key}.{quant}.gguf"
     if dst.is_file():
         return dst
+    import threading
+    import time
+
     import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob("*.part"):  # left by a killed conversion (a live one is younger)
+            if time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".part", dir=out_dir)
         os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model copy is not a secret
@@ -346,8 +362,27 @@ def requantized(path: str | os.PathLike, quant: str, threads: int | None = None)
         params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
         params.allow_requantize = True
         params.nthread = threads or os.cpu_count() or 1
-        with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), params)
+        try:
+            from llama_cpp._logger import set_verbose
+
+            set_verbose(False)  # llama.cpp would log every tensor on stderr
+        except ImportError:
+            pass
+        # In a thread, so that Ctrl-C stops the wait (the C call cannot be interrupted; the
+        # daemon thread dies with the process and the temporary file is removed below).
+        result: dict = {}
+        done = threading.Event()
+
+        def convert() -> None:
+            try:
+                result["rc"] = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), params)
+            finally:
+                done.set()
+
+        threading.Thread(target=convert, name="metaalign-requantize", daemon=True).start()
+        while not done.wait(0.1):
+            pass
+        rc = result.get("rc", -1)
         if rc != 0:
             raise MetaAlignError(f"{path}: llama.cpp could not re-quantize this model to {quant} (code {rc})")
         os.replace(tmp, dst)
