@@ -355,6 +355,25 @@ def test_case_messages_shapes():
     assert q == "\n\nSystem: Be brief.\n\nHuman: Name a prime number.\n\nAssistant:" and a == "4 is prime."
 
 
+def test_messages_with_openai_content_parts(tmp_path):
+    """OpenAI's list-of-parts `content`: text parts are joined with newlines; an image part
+    is a one-line error naming the part."""
+    from metaalign_cli.errors import InputError
+    from metaalign_cli.records import extract_query_response, read_jsonl
+
+    parts = [{"type": "text", "text": "Name a prime."}, {"type": "text", "text": "Just one."}]
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": parts},
+                                          {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                                            {"role": "assistant", "content": "x"}]}) + "\n", encoding="utf-8")
+    good, bad = read_jsonl(f)
+    assert extract_query_response(good) == ("\n\nHuman: Name a prime.\nJust one.\n\nAssistant:", "4")
+    with pytest.raises(InputError) as e:
+        extract_query_response(bad)
+    assert str(e.value) == f"{f}:2: field 'messages[0].content[0]': only text content parts can be read, got 'image_url'"
+
+
 def test_case_template_syntax_prompt_verbatim():
     from metaalign_cli.correction import CorrectionOptions, build_prompt
     from metaalign_cli.objectives import load_objectives

@@ -298,9 +298,10 @@ def _from_messages(rec: SourceRecord) -> tuple[str, str]:
         raise InputError("expected a non-empty list of {role, content} turns", rec.source, rec.line, "messages")
     turns: list[tuple[str, str]] = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), (str, list)):
             raise InputError("each turn needs string 'role' and 'content'", rec.source, rec.line, f"messages[{i}]")
-        turns.append((m["role"], m["content"]))
+        turns.append((m["role"], _content_text(m["content"], rec, f"messages[{i}].content")))
     role, content = turns[-1]
     if role != "assistant":
         raise InputError(f"last turn is '{role}', not 'assistant': no response to correct",
@@ -311,6 +312,24 @@ def _from_messages(rec: SourceRecord) -> tuple[str, str]:
     if not any(r == "user" for r, _ in context):
         raise InputError("no user turn before the response", rec.source, rec.line, "messages")
     return dialogue_to_text(context), content
+
+
+def _content_text(content: str | list, rec: SourceRecord, where: str) -> str:
+    """A turn's text: a string, or OpenAI's list of content parts, whose ``text`` parts are
+    joined with newlines (as OpenAI-compatible servers such as vLLM do). Raises InputError for
+    an empty list or a part that is not text (an image cannot be corrected)."""
+    if isinstance(content, str):
+        return content
+    if not content:
+        raise InputError("empty list of content parts", rec.source, rec.line, where)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else json_type(part)
+            raise InputError(f"only text content parts can be read, got {kind!r}", rec.source, rec.line,
+                             f"{where}[{j}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def dumps(record: dict) -> str:
