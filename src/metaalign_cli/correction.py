@@ -8,7 +8,6 @@ record. Output is written record by record in input order; errors are handled pe
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
-from metaalign_cli.records import JsonlWriter, SourceRecord, extract_query_response
+from metaalign_cli.records import JsonlWriter, SourceRecord, extract_query_response, output_records
 from metaalign_cli.templates import CorrectionTemplate
 
 OnError = Literal["fail", "skip", "keep"]
@@ -281,31 +280,24 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
            "prompt_format": opts.prompt_format or opts.template.prompt_format, "generation": settings.to_dict()}
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
-    with open(p, "rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue
-            prov = rec.get("metaalign") if isinstance(rec, dict) else None
-            if not isinstance(prov, dict):
-                continue
-            for k in ("lora_path", "quant"):  # absent means none, in old and new files alike
-                if prov.get(k) != info.get(k):
-                    return f"{k} {prov.get(k)!r} there, {info.get(k)!r} now"
-            for k, v in now.items():
-                if k in prov and prov[k] != v:
-                    if isinstance(v, dict) and isinstance(prov[k], dict):
-                        diff = [f"{sub} {prov[k].get(sub)!r} there, {v.get(sub)!r} now"
-                                for sub in sorted(set(v) | set(prov[k])) if prov[k].get(sub) != v.get(sub)]
-                        return f"{k}: " + "; ".join(diff)
-                    return f"{k} {prov[k]!r} there, {v!r} now"
-            if not checked_objectives and "objectives" not in rec and "objectives" in prov:
-                if prov["objectives"] != flag:
-                    return f"objectives {prov['objectives']!r} there, {flag!r} now"
-                checked_objectives = True
-            if checked_objectives:
-                return None
+    for _, rec in output_records(p):
+        prov = rec.get("metaalign") if isinstance(rec, dict) else None
+        if not isinstance(prov, dict):
+            continue
+        for k in ("lora_path", "quant"):  # absent means none, in old and new files alike
+            if prov.get(k) != info.get(k):
+                return f"{k} {prov.get(k)!r} there, {info.get(k)!r} now"
+        for k, v in now.items():
+            if k in prov and prov[k] != v:
+                if isinstance(v, dict) and isinstance(prov[k], dict):
+                    diff = [f"{sub} {prov[k].get(sub)!r} there, {v.get(sub)!r} now"
+                            for sub in sorted(set(v) | set(prov[k])) if prov[k].get(sub) != v.get(sub)]
+                    return f"{k}: " + "; ".join(diff)
+                return f"{k} {prov[k]!r} there, {v!r} now"
+        if not checked_objectives and "objectives" not in rec and "objectives" in prov:
+            if prov["objectives"] != flag:
+                return f"objectives {prov['objectives']!r} there, {flag!r} now"
+            checked_objectives = True
+        if checked_objectives:
+            return None
     return None

@@ -387,6 +387,19 @@ def _truncate_partial_line(path: Path) -> None:
             fh.truncate()
 
 
+def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON or None when it does not parse) for each complete line of an
+    output file, for `--resume`; a partial last line (a killed run's) is not read."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.endswith(b"\n"):
+                return
+            try:
+                yield lineno, json.loads(raw)
+            except ValueError:
+                yield lineno, None
+
+
 def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> Counter[str]:
     """How many times each key (``id:<id>`` or ``line:<n>``) occurs among the records already
     in an output file, for ``--resume`` (a count, so repeated ids resume correctly). Only
@@ -398,23 +411,16 @@ def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> Counter[
     p = Path(path)
     if not p.exists():
         return keys
-    with open(p, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            if not isinstance(rec, dict):
-                raise InputError("not a JSONL record: --resume only continues a file metaalign wrote",
-                                 source=str(p), line=lineno)
-            if rec.get("id") is not None:
-                keys[f"id:{rec['id']}"] += 1
-            else:
-                line = (rec.get(key_field) or {}).get("input_line")
-                if line is not None:
-                    keys[f"line:{line}"] += 1
+    for lineno, rec in output_records(p):
+        if not isinstance(rec, dict):
+            raise InputError("not a JSONL record: --resume only continues a file metaalign wrote",
+                             source=str(p), line=lineno)
+        if rec.get("id") is not None:
+            keys[f"id:{rec['id']}"] += 1
+        else:
+            line = (rec.get(key_field) or {}).get("input_line")
+            if line is not None:
+                keys[f"line:{line}"] += 1
     return keys
 
 
@@ -426,16 +432,5 @@ def kept_failures(path: str | os.PathLike, output_field: str = "corrected") -> i
     p = Path(path)
     if not p.is_file():
         return 0
-    n = 0
-    with open(p, "rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "error" in rec and isinstance(rec.get("metaalign"), dict) \
-                    and output_field not in rec:
-                n += 1
-    return n
+    return sum(1 for _, rec in output_records(p) if isinstance(rec, dict) and "error" in rec
+               and isinstance(rec.get("metaalign"), dict) and output_field not in rec)
