@@ -217,6 +217,15 @@ def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
         f"error: {home}/cache/gguf: cannot write the re-quantized model: Not a directory"
 
 
+def test_quant_for_another_backend_is_said_to_be_ignored(capsys):
+    from metaalign_cli.cli_common import make_backend
+
+    be = make_backend(None, "some-model", "http://127.0.0.1:9/v1", quant="Q8_0")
+    be.close()
+    assert be.name == "openai" and "quant" not in be.info()
+    assert "warning: --quant applies to GGUF models (llama-cpp backend); ignored for openai" in capsys.readouterr().err
+
+
 def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):
     """Tiny random Llama: batched (left padding, sorted by length) = one by one, input order kept."""
     import torch
@@ -301,16 +310,26 @@ def test_bad_input_one_line_error(text, line, msg):
     assert len(lines(r.stdout)) == line - 1  # everything before the bad record was written
 
 
-def test_invalid_utf8_and_skip_keep_exit_1():
+def test_invalid_utf8_and_skip_keep_exit_1(tmp_path):
     data = b'{"id": "a", "query": "q", "response": "fine"}\n{"query": "q", "response": "\xff"}\n'
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=data)
-    assert r.returncode == 2 and "error: <stdin>:2: invalid UTF-8 at byte" in r.stderr.decode()
+    assert r.returncode == 2 and r.stderr.decode().strip().splitlines()[-1] == \
+        "error: <stdin>:2: field 'response': invalid UTF-8 (byte 0xff after 0 bytes of the field)"
     assert [o["id"] for o in lines(r.stdout)] == ["a"]
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "skip", input=data)
     assert r.returncode == 1 and len(lines(r.stdout)) == 1
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "keep", input=data)
     out = lines(r.stdout)
-    assert r.returncode == 1 and len(out) == 2 and out[1]["error"].startswith("<stdin>:2: invalid UTF-8")
+    assert r.returncode == 1 and len(out) == 2 and out[1]["error"].startswith("<stdin>:2: field 'response': invalid UTF-8")
+    # Outside a string (the line is no JSON then) the byte offset in the line is named instead;
+    # inside a nested value, its path.
+    from metaalign_cli.records import read_jsonl
+
+    f = tmp_path / "u.jsonl"
+    f.write_bytes(b'{"query": "q\xff",, }\n{"query": "q", "meta": {"list": ["a", "b\xfe"]}, "response": "r"}\n')
+    assert [str(x.error) for x in read_jsonl(f)] == [
+        f"{f}:1: invalid UTF-8 at byte 12",
+        f"{f}:2: field 'meta.list[1]': invalid UTF-8 (byte 0xfe after 1 bytes of the field)"]
     assert "corrected" not in out[1]
     # Fed back once fixed, our own stale `error` goes; a user's own `error` field stays.
     again = [dict(out[1], query="q", response="fine now"), {"query": "q", "response": "r", "error": "user data"}]

@@ -141,6 +141,11 @@ def test_template_validation(tmp_path):
         load_template(str(f))
     with pytest.raises(UnknownNameError, match="unknown template 'nope'.*hh-rlhf"):
         load_template("nope")
+    with pytest.raises(UnknownNameError) as e:  # only names of the kind asked for are offered
+        load_template("nope", kind="judge-score")
+    assert str(e.value) == "unknown judge-score template 'nope' (known: judge-score)"
+    with pytest.raises(UnknownNameError, match=r"\(known: hh-rlhf, imhi, ultrafeedback\)"):
+        load_template("nope", kind="correction")
 
 
 def test_loop_guard_detection():

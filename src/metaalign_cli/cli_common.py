@@ -148,6 +148,9 @@ def make_backend(backend: str | None, model: str | None, base_url: str | None = 
             quant = None
     if name == "llama-cpp":
         options["quant"] = quant
+    elif quant and asked not in (None, "auto"):
+        console.print(f"warning: --quant applies to GGUF models (llama-cpp backend); ignored for {name}",
+                      markup=False)
     opts = {k: v for k, v in options.items() if v is not None}
     if base_url:
         opts["base_url"] = base_url

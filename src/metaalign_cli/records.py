@@ -138,6 +138,41 @@ def _raw_lines(fh: IO[bytes], src: str) -> Iterator[bytes]:
         yield raw
 
 
+# Bytes that are not UTF-8, as decoding with errors="surrogateescape" keeps them (U+DC80-U+DCFF).
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+_MARK = "\uf8ff"  # a private-use character standing in for the first bad byte
+
+
+def _find_mark(value: Any, path: str) -> tuple[str, str] | None:
+    """(field path, string) of the first string in a parsed record holding ``_MARK``."""
+    if isinstance(value, str):
+        return (path, value) if _MARK in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _find_mark(v, f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else str(k)))
+        if found:
+            return found
+    return None
+
+
+def _utf8_error(raw: bytes, e: UnicodeDecodeError, src: str, lineno: int) -> InputError:
+    """The error for a JSONL line that is not UTF-8, naming the field that holds the first bad
+    byte when the line is otherwise valid JSON (else the byte offset in the line)."""
+    text = raw.decode("utf-8", "surrogateescape")
+    m = _ESCAPED_BYTE.search(text)
+    if m is not None and _MARK not in text:
+        try:
+            found = _find_mark(json.loads(text[:m.start()] + _MARK + text[m.end():]), "")
+        except ValueError:
+            found = None
+        if found:
+            field_path, value = found
+            before = len(value[:value.index(_MARK)].encode("utf-8", "surrogateescape"))
+            return InputError(f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} after {before} bytes of the "
+                              "field)", source=src, line=lineno, field=field_path)
+    return InputError(f"invalid UTF-8 at byte {e.start}", source=src, line=lineno)
+
+
 def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     """Yield a :class:`SourceRecord` per non-blank line of a JSONL file (``-``/None: stdin,
     ``.gz``: gzip). Invalid UTF-8, invalid JSON and non-object lines become records with
@@ -153,8 +188,7 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield SourceRecord(src, lineno, None, InputError(
-                    f"invalid UTF-8 at byte {e.start}", source=src, line=lineno))
+                yield SourceRecord(src, lineno, None, _utf8_error(raw, e, src, lineno))
                 continue
             try:
                 data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
@@ -180,10 +214,6 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     finally:
         if fh is not sys.stdin.buffer:
             fh.close()
-
-
-# Bytes that are not UTF-8, as decoding with errors="surrogateescape" keeps them (U+DC80-U+DCFF).
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _bad_utf8(value: str, what: str = "the field") -> str | None:

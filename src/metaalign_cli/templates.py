@@ -156,6 +156,15 @@ def load_template_file(path: str | Path) -> Template:
         raise ConfigError(f"{path}: {msg}") from None
 
 
+def _kind_of(path: Path) -> str | None:
+    """The ``kind`` a template file declares (``correction`` when it declares none), or None
+    when it does not load (it is then left out of the names offered)."""
+    try:
+        return str(load_yaml_mapping(path, "template").get("kind", "correction"))
+    except ConfigError:
+        return None
+
+
 def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
                   kind: str | None = None) -> Template:
     """A template by name (searched in ``dirs``, then ``$METAALIGN_HOME/templates``, then the
@@ -183,8 +192,10 @@ def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
             if tpl is not None:
                 break
         if tpl is None:
-            known = sorted({f.stem for d in search if d.is_dir() for f in d.glob("*.y*ml")})
-            raise UnknownNameError(f"unknown template '{name_or_path}' (known: {', '.join(known)})")
+            known = sorted({f.stem for d in search if d.is_dir() for f in d.glob("*.y*ml")
+                            if kind is None or _kind_of(f) == kind})
+            what = f"{kind} template" if kind else "template"
+            raise UnknownNameError(f"unknown {what} '{name_or_path}' (known: {', '.join(known) or 'none'})")
     if kind is not None and tpl.kind != kind:
         raise ConfigError(f"{tpl.source}: template '{tpl.name}' is of kind '{tpl.kind}', expected '{kind}'")
     return tpl
