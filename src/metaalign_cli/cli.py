@@ -13,8 +13,9 @@ from typing import Optional
 import typer
 
 from metaalign_cli import __version__
+from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli_errors, console, fail,
-                                      check_output, load_objective_set, make_backend, model_card,
+                                      check_output, check_quant, load_objective_set, make_backend, model_card,
                                       quiet_libraries, split_names)
 
 app = typer.Typer(
@@ -128,18 +129,17 @@ def correct_cmd(
     """
     from metaalign_cli.backends.base import GenerationSettings
     from metaalign_cli.correction import CorrectionOptions, RecordFailed, correct_records
-    from metaalign_cli.records import JsonlWriter, done_keys, kept_failures, read_records
+    from metaalign_cli.records import JsonlWriter, done_records, read_records
     from metaalign_cli.templates import load_template
 
     if on_error not in ("fail", "skip", "keep"):
         raise fail(f"--on-error must be fail, skip or keep, not '{on_error}'")
     if prompt_format not in (None, "raw", "chat"):
         raise fail(f"--prompt-format must be raw or chat, not '{prompt_format}'")
-    from metaalign_cli.cli_common import QUANT_CHOICES
-
-    quant = quant.lower()
-    if quant not in QUANT_CHOICES:
-        raise fail(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'")
+    try:
+        quant = check_quant(quant)  # before any model loads
+    except MetaAlignError as e:
+        raise fail(str(e))
     if resume and output == "-":
         raise fail("--resume needs -o FILE")
     if output != "-" and input != "-" and Path(output).resolve() == Path(input).resolve():
@@ -178,8 +178,8 @@ def correct_cmd(
                                  response_field=response_field, output_field=output_field,
                                  on_error=on_error, batch_size=batch_size)
         records = read_records(input, input_format)
-        skip = done_keys(output) if resume else None
-        failed_before = kept_failures(output, output_field) if resume else 0
+        done = done_records(output, output_field) if resume else None
+        skip, failed_before = (done.keys, done.kept_failures) if done else (None, 0)
         # A trained corrector's directory may hold a GGUF export (and GGUF LoRA) for llama.cpp;
         # the transformers backend loads the HF model at the top of the directory instead.
         use_gguf = bool(card.get("gguf")) and backend in (None, "llama-cpp")

@@ -114,6 +114,13 @@ def model_card(model: str | None) -> dict:
 QUANT_CHOICES = ("auto", "none", "q8_0", "f16", "f32")
 
 
+def check_quant(quant: str) -> str:
+    """A ``--quant`` value in lower case; MetaAlignError when it is not one of QUANT_CHOICES."""
+    if quant.lower() not in QUANT_CHOICES:
+        raise MetaAlignError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant.lower()}'")
+    return quant.lower()
+
+
 def resolve_quant(quant: str | None, model: str | None) -> str | None:
     """``--quant``: ``auto`` (or None) re-quantizes the embedded SmolLM2 (Q4_1) to q8_0, which
     prefills ~1.7x faster on CPU at the same decoding speed, and leaves any other GGUF as it
@@ -121,9 +128,7 @@ def resolve_quant(quant: str | None, model: str | None) -> str | None:
     pass to the llama-cpp backend, or None. Raises MetaAlignError for another value."""
     from metaalign_cli.models import is_embedded
 
-    quant = quant.lower() if isinstance(quant, str) else quant
-    if quant not in (None, *QUANT_CHOICES):
-        raise MetaAlignError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'")
+    quant = None if quant is None else check_quant(quant)
     if quant in (None, "auto"):
         return "q8_0" if is_embedded(model) else None
     return None if quant == "none" else quant

@@ -69,7 +69,7 @@ def judge_cmd(
     rate exceeds --max-invalid, 2 on bad input.
     """
     from metaalign_cli import judging
-    from metaalign_cli.backends.base import GenerationSettings
+    from metaalign_cli.backends.base import WEIGHT_OPTIONS, GenerationSettings
     from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, cli_errors, console, fail, load_objective_set,
                                           make_backend, quiet_libraries, split_names, check_output)
     from metaalign_cli.records import JsonlWriter, read_records
@@ -124,7 +124,7 @@ def judge_cmd(
                           device=device, dtype=dtype, concurrency=1, retries=api_retries, timeout=timeout, seed=seed)
         if done_rows:
             mine = judging.judge_info(be, opts)
-            same = ("backend", "model", "lora_path", "quant", "template", "prompt_format", "settings", "seed", "both_orders")
+            same = ("backend", "model", *WEIGHT_OPTIONS, "template", "prompt_format", "settings", "seed", "both_orders")
             theirs = done_rows[0].get("judge") or {}
             diff = [k for k in same if theirs.get(k) != mine.get(k)]
             if diff:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from metaalign_cli import __version__
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import WEIGHT_OPTIONS, Backend, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
 from metaalign_cli.records import JsonlWriter, SourceRecord, extract_query_response, output_records
@@ -160,7 +160,7 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
     provenance object) to ``writer``, one line per input record, in input order.
 
     ``skip_keys``: how many records of each key (``id:..``/``line:..``) are already done
-    (resume; see :func:`metaalign_cli.records.done_keys`); consumed as records are skipped.
+    (resume; see :func:`metaalign_cli.records.done_records`); consumed as records are skipped.
     ``on_progress(records, generated_tokens)`` after each written record; ``warn(msg)`` for
     repairs and per-record errors under skip/keep.
     Raises RecordFailed at the first failing record when ``opts.on_error == 'fail'``, after
@@ -284,7 +284,7 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         prov = rec.get("metaalign") if isinstance(rec, dict) else None
         if not isinstance(prov, dict):
             continue
-        for k in ("lora_path", "quant"):  # absent means none, in old and new files alike
+        for k in WEIGHT_OPTIONS:  # absent means none, in old and new files alike
             if prov.get(k) != info.get(k):
                 return f"{k} {prov.get(k)!r} there, {info.get(k)!r} now"
         for k, v in now.items():

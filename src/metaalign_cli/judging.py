@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 from metaalign_cli import __version__
-from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import (WEIGHT_OPTIONS, Backend, BackendError, Generation, GenerationSettings,
+                                         Prompt)
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
 from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response,
@@ -469,7 +470,7 @@ def judge_info(backend: Backend, opts: JudgeOptions) -> dict:
     info = backend.info()
     return {"backend": info.get("backend", backend.name), "model": backend.model_id,
             **({"base_url": info["base_url"]} if info.get("base_url") else {}),
-            **{k: info[k] for k in ("lora_path", "quant") if info.get(k)},
+            **{k: info[k] for k in WEIGHT_OPTIONS if info.get(k)},
             "template": opts.template.name, "template_source": opts.template.source,
             "prompt_format": opts.prompt_format or opts.template.prompt_format,
             "settings": opts.settings.to_dict(), "seed": opts.seed,
@@ -477,10 +478,16 @@ def judge_info(backend: Backend, opts: JudgeOptions) -> dict:
             "version": __version__}
 
 
+def max_attempts(backend: Backend, opts: JudgeOptions) -> int:
+    """Calls one prompt may take: 1 + ``opts.retries`` re-asks of an unparsable answer, or 1
+    for a local backend decoding greedily (a re-ask would decode the very same answer)."""
+    return 1 if opts.settings.greedy and backend.local else 1 + max(0, opts.retries)
+
+
 def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
                limiter: RateLimiter, report: JudgeReport, lock: threading.Lock) -> dict:
-    """Ask one prompt: from the cache, else up to 1 + retries calls until the answer parses
-    (one call for a local backend decoding greedily: its answer cannot change)."""
+    """Ask one prompt: from the cache, else up to :func:`max_attempts` calls until the answer
+    parses."""
     parse = parse_score if opts.mode == "score" else parse_verdict
     key = cache_key(backend.name, backend.weights_id, opts.settings, ask.prompt)
     out: dict = {"order": ask.order}
@@ -504,7 +511,7 @@ def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: Judge
     error = None
     ptoks = ctoks = None
     attempts = 0
-    for attempt in range(1 + max(0, opts.retries)):
+    for attempt in range(max_attempts(backend, opts)):
         # A re-ask varies only the seed (identical under greedy decoding, useful when sampling).
         settings = opts.settings if attempt == 0 else _with_seed(opts.settings, opts.settings.seed + attempt)
         limiter.wait()
@@ -530,8 +537,6 @@ def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: Judge
             if cache is not None:
                 cache.put(key, g.text, g.prompt_tokens, g.completion_tokens, backend.model_id)
             break
-        if settings.greedy and backend.local:
-            break  # a re-ask would decode the very same answer
     out.update(raw_answer=raws[-1] if raws else None, raw_answers=raws, value=last.value,
                invalid_reason=last.reason, attempts=attempts, cached=False, latency_s=round(latency, 4),
                prompt_tokens=ptoks, completion_tokens=ctoks, error=error)
@@ -691,8 +696,7 @@ def dry_run(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, 
     to_call = len(asks) - cached
     return {"units": len(units), "resumed": len(units) - len({u.key for u in units if not (skip and u.key in skip)}),
             "calls": len(asks), "cached": cached, "to_call": to_call,
-            "max_calls": to_call * (1 if opts.settings.greedy and backend.local else 1 + max(0, opts.retries)),
-            "input_tokens": tokens,
+            "max_calls": to_call * max_attempts(backend, opts), "input_tokens": tokens,
             "max_new_tokens": opts.settings.max_new_tokens, "token_count": method}
 
 

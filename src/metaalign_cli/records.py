@@ -143,6 +143,13 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _MARK = "\uf8ff"  # a private-use character standing in for the first bad byte
 
 
+def _byte_message(value: str, at: int, escaped: str, what: str = "the field") -> str:
+    """"invalid UTF-8 (byte 0x.. after N bytes of <what>)" for the bad byte ``escaped`` (its
+    surrogateescape character) found at index ``at`` of ``value``."""
+    before = len(value[:at].encode("utf-8", "surrogateescape"))
+    return f"invalid UTF-8 (byte 0x{ord(escaped) - 0xDC00:02x} after {before} bytes of {what})"
+
+
 def _find_mark(value: Any, path: str) -> tuple[str, str] | None:
     """(field path, string) of the first string in a parsed record holding ``_MARK``."""
     if isinstance(value, str):
@@ -167,9 +174,8 @@ def _utf8_error(raw: bytes, e: UnicodeDecodeError, src: str, lineno: int) -> Inp
             found = None
         if found:
             field_path, value = found
-            before = len(value[:value.index(_MARK)].encode("utf-8", "surrogateescape"))
-            return InputError(f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} after {before} bytes of the "
-                              "field)", source=src, line=lineno, field=field_path)
+            return InputError(_byte_message(value, value.index(_MARK), m.group()), source=src, line=lineno,
+                              field=field_path)
     return InputError(f"invalid UTF-8 at byte {e.start}", source=src, line=lineno)
 
 
@@ -219,10 +225,7 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
 def _bad_utf8(value: str, what: str = "the field") -> str | None:
     """The message for the first byte of ``value`` that was not UTF-8, or None."""
     m = _ESCAPED_BYTE.search(value)
-    if m is None:
-        return None
-    before = len(value[:m.start()].encode("utf-8", "surrogateescape"))
-    return f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} after {before} bytes of {what})"
+    return None if m is None else _byte_message(value, m.start(), m.group(), what)
 
 
 def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
@@ -240,21 +243,20 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
             reader = csv.reader(text)
             header: list[str] | None = None
-            hline = 1
             prev = 0  # reader.line_num after the previous record: a record starts on prev + 1
             for cells in reader:
                 start, prev = prev + 1, reader.line_num
                 if not cells:
                     continue  # a blank line is no record (and not the header)
                 if header is None:
-                    header, hline = cells, start
+                    header = cells
                     for i, name in enumerate(header, start=1):
                         bad = _bad_utf8(name, f"column {i}'s name")
                         if bad:
-                            raise InputError(f"header: {bad}", source=src, line=hline)
+                            raise InputError(f"header: {bad}", source=src, line=start)
                     dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
                     if dup is not None:
-                        raise InputError(f"the header names column '{dup}' twice", source=src, line=hline)
+                        raise InputError(f"the header names column '{dup}' twice", source=src, line=start)
                     continue
                 if len(cells) != len(header):
                     yield SourceRecord(src, start, None, InputError(
@@ -430,37 +432,39 @@ def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield lineno, None
 
 
-def done_keys(path: str | os.PathLike, key_field: str = "metaalign") -> Counter[str]:
-    """How many times each key (``id:<id>`` or ``line:<n>``) occurs among the records already
-    in an output file, for ``--resume`` (a count, so repeated ids resume correctly). Only
-    complete lines count; a partial last line is ignored.
+@dataclass
+class DoneRecords:
+    """What an output file already holds, for ``--resume``: ``keys``, how many records of
+    each key (``id:<id>`` or ``line:<n>``; a count, so repeated ids resume correctly), and
+    ``kept_failures``, records an earlier ``--on-error keep`` run kept as failed (an ``error``
+    field and our provenance object, no output field). Those are not redone (the finished
+    file equals an uninterrupted run's), so they still count for the exit code."""
+
+    keys: Counter[str]
+    kept_failures: int = 0
+
+
+def done_records(path: str | os.PathLike, output_field: str = "corrected",
+                 key_field: str = "metaalign") -> DoneRecords:
+    """Read an output file once for ``--resume`` (see :class:`DoneRecords`); an absent file
+    holds nothing. Only complete lines count; a partial last line is ignored.
 
     Raises InputError when a complete line is not a JSON object: the file is not our output.
     """
-    keys: Counter[str] = Counter()
+    done = DoneRecords(Counter())
     p = Path(path)
     if not p.exists():
-        return keys
+        return done
     for lineno, rec in output_records(p):
         if not isinstance(rec, dict):
             raise InputError("not a JSONL record: --resume only continues a file metaalign wrote",
                              source=str(p), line=lineno)
         if rec.get("id") is not None:
-            keys[f"id:{rec['id']}"] += 1
+            done.keys[f"id:{rec['id']}"] += 1
         else:
             line = (rec.get(key_field) or {}).get("input_line")
             if line is not None:
-                keys[f"line:{line}"] += 1
-    return keys
-
-
-def kept_failures(path: str | os.PathLike, output_field: str = "corrected") -> int:
-    """How many records in an output file were kept as failures by an earlier
-    ``--on-error keep`` run (an ``error`` field and our ``metaalign`` object, no
-    ``output_field``); 0 when the file does not exist. `--resume` does not redo them (the
-    finished file equals an uninterrupted run's), so they still count for the exit code."""
-    p = Path(path)
-    if not p.is_file():
-        return 0
-    return sum(1 for _, rec in output_records(p) if isinstance(rec, dict) and "error" in rec
-               and isinstance(rec.get("metaalign"), dict) and output_field not in rec)
+                done.keys[f"line:{line}"] += 1
+        if "error" in rec and isinstance(rec.get(key_field), dict) and output_field not in rec:
+            done.kept_failures += 1
+    return done

@@ -80,6 +80,11 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
     return False
 
 
+# Load options that change a model's weights (provenance keys): answers made with other values
+# are not the same model's, for `--resume` and the judge cache.
+WEIGHT_OPTIONS = ("lora_path", "quant")
+
+
 class BackendError(RuntimeError):
     """A backend could not produce a generation for one prompt (after its retries)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
+from metaalign_cli.backends.base import WEIGHT_OPTIONS, Backend, Generation, GenerationSettings, Prompt, is_looping
 from metaalign_cli.errors import MetaAlignError
 
 MAX_BATCH_SEQUENCES = 64  # sequences decoded together at most (llama.cpp allows 256)
@@ -289,7 +289,7 @@ class LlamaCppBackend(Backend):
 
     @property
     def weights_id(self) -> str:
-        extra = [f"{k}={self.options[k]}" for k in ("lora_path", "quant") if self.options.get(k)]
+        extra = [f"{k}={self.options[k]}" for k in WEIGHT_OPTIONS if self.options.get(k)]
         return " ".join([self.model_id, *extra])
 
     def info(self) -> dict:
@@ -322,8 +322,9 @@ def requantized(path: str | os.PathLike, quant: str, threads: int | None = None)
     and renamed into place: an interrupted or failed conversion leaves nothing behind, and two
     processes converting at once both end with a whole file.
 
-    Returns the path of the copy (made even when the source already has that type). Raises MetaAlignError for an unknown ``quant``, a
-    file that llama.cpp cannot quantize, or a cache directory that cannot be written.
+    Returns the path of the copy (made even when the source already has that type). Raises
+    MetaAlignError for an unknown ``quant``, a file that llama.cpp cannot quantize, or a cache
+    directory that cannot be written.
     """
     import hashlib
     import tempfile
