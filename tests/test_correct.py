@@ -36,6 +36,21 @@ def test_version():
     assert r.returncode == 0 and r.stdout.decode().strip() == f"metaalign {__version__}"
 
 
+def test_usage_errors_found_by_typer_are_one_line():
+    """Values typer checks itself (ranges, unknown options and commands) get our one-line
+    error and exit 2 too; no arguments at all still prints the help."""
+    for args, start in ((["correct", "--max-new-tokens", "0"], "error: Invalid value for '--max-new-tokens': "
+                                                               "Input should be greater than or equal to 1 (see '"),
+                        (["correct", "--bogus"], "error: No such option: --bogus (see '"),
+                        (["nosuch"], "error: No such command 'nosuch'. (see '")):
+        r = run_cli(*args, input=b"")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and r.stdout == b"" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(start) and err.strip().endswith(" --help')"), err
+    r = run_cli()
+    assert r.returncode == 2 and b"correct" in r.stdout and b"build-data" in r.stdout and r.stderr == b""
+
+
 def test_objectives_command_lists_and_rejects():
     r = run_cli("objectives", "--json", "--objectives", "helpful,harmless", "--template", "hh-rlhf")
     rows = lines(r.stdout)

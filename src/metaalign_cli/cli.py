@@ -273,8 +273,24 @@ _register_subcommands()
 
 
 def main() -> None:
-    """Entry point of the ``metaalign`` executable."""
-    app()
+    """Entry point of the ``metaalign`` executable. A usage error that click finds itself (an
+    unknown option, a value out of range) is one line on stderr and exit 2, like ours."""
+    try:  # typer >= 0.2x vendors click; older versions use click itself
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as e:
+        if e.format_message():  # (none when no arguments were given: typer has printed the help)
+            cmd = e.ctx.command_path if e.ctx is not None else "metaalign"
+            fail(f"{e.format_message()} (see '{cmd} --help')")
+        code = EXIT_USAGE
+    except typer.Abort:  # as click's standalone mode does
+        print("Aborted!", file=sys.stderr)
+        code = EXIT_FAILED
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":
