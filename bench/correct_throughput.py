@@ -81,14 +81,15 @@ def main() -> None:
 
     # (c) our llama-cpp backend as `correct` loads the embedded model (--quant auto = q8_0),
     # batches of 8 (`correct --batch-size 8`: one llama.cpp batch each)
-    from metaalign_cli.backends.llamacpp import requantized
-    from metaalign_cli.cli_common import resolve_quant
+    from metaalign_cli.backends.llamacpp import requantized, resolve_quant
+    from metaalign_cli.models import ModelSpec, resolve_model
 
     quant = resolve_quant("auto", str(gguf))
     t0 = time.perf_counter()
     requantized(gguf, quant)  # once per machine, cached; not part of (c)
     convert_s = time.perf_counter() - t0
-    be = create_backend("llama-cpp", str(gguf), n_ctx=4096, quant=quant)
+    # as `correct --model GGUF` resolves it (the one resolver every command uses)
+    be = resolve_model(ModelSpec(model=str(gguf), options={"n_ctx": 4096, "quant": quant})).load()
 
     def batched(be, key, label):
         t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def main() -> None:
     texts["d"] = [g.text for g in gens]
     be.close()
     # (e) the shipped Q4_1 weights as they are (--quant none)
-    be = create_backend("llama-cpp", str(gguf), n_ctx=4096)
+    be = create_backend("llama-cpp", str(gguf), n_ctx=4096, quant="none")
     batched(be, "e", "e ours: llama-cpp (Q4_1 as shipped), batch 8")
     be.close()
 

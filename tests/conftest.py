@@ -18,14 +18,57 @@ CASES = REPO / "tests" / "cases"  # copies of shared/cases, so a bare clone runs
 DATA = SHARED / "data"
 
 
-def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 600):
-    """Run ``python -m metaalign_cli ARGS`` and return the CompletedProcess (bytes stdout/stderr)."""
+def run_process(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m metaalign_cli ARGS`` as a real process and return the CompletedProcess
+    (bytes stdout/stderr): for what needs one (signals, pipes, import time, a fresh
+    interpreter). Everything else uses the in-process :func:`cli`."""
     e = dict(os.environ)
     e.update(env or {})
     if isinstance(input, str):
         input = input.encode("utf-8")
     return subprocess.run([sys.executable, "-m", "metaalign_cli", *args], input=input,
                           capture_output=True, env=e, timeout=timeout, cwd=REPO)
+
+
+class CliResult:
+    """What an in-process run of the CLI gave: ``returncode``, ``stdout`` and ``stderr`` (bytes)."""
+
+    def __init__(self, returncode: int, stdout: bytes, stderr: bytes):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args: str, input: str | bytes | None = None, env: dict | None = None) -> CliResult:
+    """Run ``metaalign ARGS`` in this process (``main()``, exit code and all) with stdin, stdout
+    and stderr captured: fast, and the backends registered by the tests (``-b scripted``) are
+    there. Use :func:`run_cli` for what needs a real process (kills, pipes, signals)."""
+    from typer.testing import CliRunner
+
+    from metaalign_cli.cli import main
+
+    old = sys.argv
+    with CliRunner().isolation(input=input, env=env) as (out, err, _):
+        sys.argv = ["metaalign", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = old
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 600):
+    """``metaalign ARGS`` in this process (:func:`cli`), run from the repository root as the
+    real command would be."""
+    old = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return cli(*args, input=input, env=env)
+    finally:
+        os.chdir(old)
 
 
 def kill_when_lines(args: list[str], out: Path, lines: int, timeout: float = 120, env: dict | None = None) -> int:
@@ -41,6 +84,19 @@ def kill_when_lines(args: list[str], out: Path, lines: int, timeout: float = 120
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return out.read_text().count("\n") if out.exists() else 0
+
+
+@pytest.fixture(autouse=True)
+def scripted_backend():
+    """The scripted in-process backend (tests/fakes.py) as ``-b scripted``, its call log empty."""
+    from fakes import ScriptedBackend
+
+    from metaalign_cli.backends import BACKENDS, register_backend
+
+    register_backend("scripted", ScriptedBackend)
+    ScriptedBackend.calls = []
+    yield ScriptedBackend
+    BACKENDS.pop("scripted", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -93,7 +93,7 @@ def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
     objset = load_objectives(include_user=False)
     opts = CorrectionOptions(template=load_template("hh-rlhf"), objective_set=objset, prompt_format="raw")
     p = build_prompt("\n\nHuman: Name a prime.\n\nAssistant:", "4", objset.resolve("harmless"), opts)
-    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=1024, threads=2)
+    be = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=1024, threads=2, quant="none")
     got = be.generate([p], GenerationSettings(max_new_tokens=16))[0]
     be.close()
     llm = Llama(model_path=str(smollm2_gguf), n_ctx=1024, n_threads=2, verbose=False)
@@ -103,7 +103,7 @@ def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):
     assert got.completion_tokens == ref["usage"]["completion_tokens"]
 
 
-@pytest.mark.parametrize("quant", [None, "q8_0"])
+@pytest.mark.parametrize("quant", ["none", "q8_0"])
 def test_llamacpp_batch_equals_one_by_one(smollm2_gguf, quant):
     """--batch-size > 1 on llama-cpp decodes the prompts in one llama.cpp batch; greedy, the
     texts, token counts and finish reasons equal decoding each prompt alone (EOS, token cap and
@@ -216,7 +216,7 @@ def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
     assert p.returncode == 0 and all("quant" not in o["metaalign"] for o in lines(out.read_bytes()))
     out.write_text("".join(out.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
     p = run_cli(*base, "-o", str(out), "--resume")
-    assert p.returncode == 2 and "quant None there, 'q8_0' now" in p.stderr.decode()
+    assert p.returncode == 2 and "quant none there, 'q8_0' now" in p.stderr.decode()
     p = run_cli(*base, "--quant", "q4_0")
     assert p.returncode == 2 and p.stderr.decode().strip().endswith(
         "error: --quant must be one of auto, none, q8_0, f16, f32, not 'q4_0'")
@@ -232,13 +232,28 @@ def test_quant_flag_auto_none_and_resume(smollm2_gguf, tmp_path):
         f"error: {home}/cache/gguf: cannot write the re-quantized model: Not a directory"
 
 
-def test_quant_for_another_backend_is_said_to_be_ignored(capsys):
-    from metaalign_cli.cli_common import make_backend
+def test_an_option_of_another_backend_is_an_error_naming_it():
+    """A knob for a backend that does not run is refused (it used to be dropped silently),
+    from the CLI (naming the flag) and from the library (naming the option and the backend's
+    options); pipeline knobs (--batch-size) go only where they apply."""
+    r = run_cli("correct", "--base-url", "http://127.0.0.1:9/v1", "-m", "x", "-O", "harmless", "--quant", "Q8_0",
+                input='{"query": "q", "response": "r"}\n')
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr.decode().strip() == ("error: --quant is an option of the llama-cpp backend, not of openai "
+                                         "(the model runs on openai)")
+    r = run_cli("judge", "-", "-m", "judge.gguf", "--device", "cpu", input="")
+    assert r.returncode == 2 and "--device is an option of the transformers backend, not of llama-cpp" in \
+        r.stderr.decode()
+    from metaalign_cli.errors import ConfigError
+    from metaalign_cli.models import ModelSpec, resolve_model
 
-    be = make_backend(None, "some-model", "http://127.0.0.1:9/v1", quant="Q8_0")
-    be.close()
-    assert be.name == "openai" and "quant" not in be.info()
-    assert "warning: --quant applies to GGUF models (llama-cpp backend); ignored for openai" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"the openai backend does not take option 'n_ctx' \(it takes: base_url, "
+                                          r"concurrency, retries, timeout\)"):
+        resolve_model(ModelSpec(model="m", base_url="http://127.0.0.1:9/v1", options={"n_ctx": 512}))
+    with pytest.raises(ConfigError, match="--base-url is for the openai and anthropic backends, not llama-cpp"):
+        resolve_model(ModelSpec(model="x.gguf", backend="llama-cpp", base_url="http://127.0.0.1:9/v1"))
+    r = resolve_model(ModelSpec(model="m", base_url="http://u:sk-1@127.0.0.1:9/v1", options={"concurrency": 8}))
+    assert (r.backend, r.model, r.options) == ("openai", "m", {"concurrency": 8, "base_url": "http://u:sk-1@127.0.0.1:9/v1"})
 
 
 def test_transformers_backend_batched_in_order(tiny_llama_dir, tmp_path):
@@ -285,7 +300,7 @@ def test_openai_backend_against_local_server(llama_server, smollm2_gguf):
     remote = create_backend("openai", None, base_url=llama_server, concurrency=2)
     assert remote.model_id == "smollm2"
     got = remote.generate(prompts, s)
-    local = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=4096)
+    local = create_backend("llama-cpp", str(smollm2_gguf), n_ctx=4096, quant="none")  # the server's weights
     ref = local.generate(prompts, s)
     local.close()
     assert [g.text for g in got] == [g.text for g in ref]
@@ -317,12 +332,13 @@ BAD = [
 
 @pytest.mark.parametrize("text,line,msg", BAD)
 def test_bad_input_one_line_error(text, line, msg):
+    """Bad input is one line naming input, line and field, found before any model loads: under
+    --on-error fail nothing is generated (the model is never even announced)."""
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=text)
     assert r.returncode == 2
     err = r.stderr.decode().strip().splitlines()
-    assert err[-1].startswith("error: " + msg), err
-    assert "Traceback" not in r.stderr.decode()
-    assert len(lines(r.stdout)) == line - 1  # everything before the bad record was written
+    assert err == ["error: " + msg] or (len(err) == 1 and err[0].startswith("error: " + msg)), err
+    assert r.stdout == b""
 
 
 def test_invalid_utf8_and_skip_keep_exit_1(tmp_path):
@@ -330,7 +346,7 @@ def test_invalid_utf8_and_skip_keep_exit_1(tmp_path):
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", input=data)
     assert r.returncode == 2 and r.stderr.decode().strip().splitlines()[-1] == \
         "error: <stdin>:2: field 'response': invalid UTF-8 (byte 0xff after 0 bytes of the field)"
-    assert [o["id"] for o in lines(r.stdout)] == ["a"]
+    assert r.stdout == b""  # found before the model loaded: nothing generated
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "skip", input=data)
     assert r.returncode == 1 and len(lines(r.stdout)) == 1
     r = run_cli("correct", "--objectives", "helpful", "--max-new-tokens", "4", "--on-error", "keep", input=data)
@@ -522,7 +538,7 @@ def test_bom_csv_rows_of_wrong_width_nan():
 def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
     """CSV: a byte that is not UTF-8 fails its row alone, naming file, line, field and byte
     (the rows around it are corrected under --on-error keep; the default stops there with
-    exit 2 after writing the rows before it). A header that names a column twice, or has a
+    exit 2 before the model loads, nothing generated). A header that names a column twice, or has a
     bad byte, fails the file in one line."""
     f = tmp_path / "in.csv"
     f.write_bytes(b'query,response\nHi?,Hello there\n"Q2","bad \xff here\nand more"\nHow?,Fine\n')
@@ -533,7 +549,7 @@ def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
     assert out[0]["corrected"] and out[2]["query"] == "How?" and out[2]["corrected"]
     assert out[1]["error"] == f"{f}:3: field 'response': invalid UTF-8 (byte 0xff after 4 bytes of the field)"
     r = run_cli(*args)
-    assert r.returncode == 2 and [o["query"] for o in lines(r.stdout)] == ["Hi?"]
+    assert r.returncode == 2 and r.stdout == b""
     assert r.stderr.decode().strip().splitlines()[-1] == f"error: {out[1]['error']}"
     d = tmp_path / "dup.csv"
     d.write_text("query,response,query\na,b,c\n", encoding="utf-8")
@@ -640,7 +656,7 @@ def test_resume_refuses_to_mix_settings(tmp_path):
     p = run_cli(*args, "-O", "harmless", "--resume")
     assert p.returncode == 2 and "objectives ['humor'] there, ['harmless'] now" in p.stderr.decode()
     p = run_cli(*(a if a != "2" else "3" for a in args), "-O", "humor", "--resume")
-    assert p.returncode == 2 and "generation: max_new_tokens 2 there, 3 now" in p.stderr.decode()
+    assert p.returncode == 2 and "generation.max_new_tokens 2 there, 3 now" in p.stderr.decode()
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2  # nothing appended by a refused run
     p = run_cli(*args, "-O", "humor", "--resume")
     assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5

@@ -15,7 +15,7 @@ import pytest
 from conftest import DATA, run_cli
 from metaalign_cli.dataset import (BuildOptions, BuildStats, RatedPair, ReadOptions, build_data,
                                    build_dynamic_dataset, load_excluded_queries, normalize_query,
-                                   parse_score, percentiles, read_rated_pairs, relation,
+                                   parse_rating, percentiles, read_rated_pairs, relation,
                                    split_for_query, split_hh_transcripts)
 from metaalign_cli.errors import InputError, UnknownNameError
 from metaalign_cli.objectives import load_objectives, render_objectives
@@ -136,9 +136,9 @@ def test_relation_and_scores():
     assert relation(4, 3) == ">" and relation(3, 4) == "<" and relation(4, 4) == "="
     assert relation(4.0, 4.3, 0.5) == "=" and relation(4.0, 4.6, 0.5) == "<"
     assert relation(0.3, 0.2, 0.1) == "="  # float rounding does not break a tie on the margin
-    assert parse_score("4") == 4.0 and parse_score(3) == 3.0 and parse_score(" 2.5 ") == 2.5
-    assert parse_score("N/A") is None and parse_score(None) is None and parse_score("") is None
-    assert parse_score("high") == "bad" and parse_score(True) == "bad" and parse_score(float("nan")) == "bad"
+    assert parse_rating("4") == 4.0 and parse_rating(3) == 3.0 and parse_rating(" 2.5 ") == 2.5
+    assert parse_rating("N/A") is None and parse_rating(None) is None and parse_rating("") is None
+    assert parse_rating("high") == "bad" and parse_rating(True) == "bad" and parse_rating(float("nan")) == "bad"
 
 
 def test_percentiles_nearest_rank():

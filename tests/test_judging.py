@@ -222,10 +222,13 @@ def test_cache_is_shared_across_connections_in_wal_mode(tmp_path):
     path = tmp_path / "c" / "judge.sqlite"
     a, b = judging.JudgeCache(path), judging.JudgeCache(path)
     s = GenerationSettings(max_new_tokens=16)
-    k = judging.cache_key("openai", "m", s, Prompt("p", chat=True))
-    assert k != judging.cache_key("openai", "m", s, Prompt("p", chat=False))
-    assert k != judging.cache_key("openai", "m2", s, Prompt("p", chat=True))
-    assert k != judging.cache_key("openai", "m", GenerationSettings(max_new_tokens=17), Prompt("p", chat=True))
+    judge = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
+    k = judging.cache_key(judge, s, Prompt("p", chat=True))
+    assert k != judging.cache_key(judge, s, Prompt("p", chat=False))
+    assert k != judging.cache_key(dict(judge, model="m2"), s, Prompt("p", chat=True))
+    assert k != judging.cache_key(dict(judge, base_url="http://127.0.0.1:2/v1"), s, Prompt("p", chat=True))  # another server
+    assert k != judging.cache_key(dict(judge, dtype="bfloat16"), s, Prompt("p", chat=True))
+    assert k != judging.cache_key(judge, GenerationSettings(max_new_tokens=17), Prompt("p", chat=True))
 
     def put(i):
         for j in range(20):

@@ -152,8 +152,11 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     y.write_text("batch_size: two\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="key 'batch_size'"):
         load_train_config(y)
-    with pytest.raises(ConfigError, match="key 'stages': unknown stage 'sft'"):
+    with pytest.raises(ConfigError, match="--stages must be one of warmup, equal, preference, not 'sft'"):
         load_train_config(None, {"stages": "warmup,sft"})
+    y.write_text("export_gguf: [bf16]\n", encoding="utf-8")  # a type export cannot write fails here, not after training
+    with pytest.raises(ConfigError, match=r"t.yaml: key 'export_gguf': must be one of f32, f16, q4_0, q8_0"):
+        load_train_config(y)
     assert isinstance(cfg, TrainConfig)
     # The shipped example config loads.
     assert load_train_config(Path(__file__).parents[1] / "configs" / "train.yaml").lora_r == 16
@@ -391,7 +394,7 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     (a / "metaalign.json").write_text(json.dumps(card), encoding="utf-8")
     import os
 
-    from metaalign_cli.models import install_corrector
+    from metaalign_cli.correctors import install_corrector
 
     old_home = os.environ.get("METAALIGN_HOME")
     os.environ["METAALIGN_HOME"] = str(home)

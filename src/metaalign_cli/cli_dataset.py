@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -53,120 +52,114 @@ def parse_objective_map(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+DOC = """Build the dynamic multi-objective dataset (paper Algorithm 1) for training a corrector.
+
+Writes OUTPUT/{train,validation[,test]}/{warmup,equal,preference}.jsonl and OUTPUT/stats.json;
+a summary goes to stderr. Rows that cannot be used are counted per reason (see stats.json);
+--strict stops at the first one."""
+
+
 def register(app: typer.Typer) -> None:
     """Add ``build-data`` to ``app``."""
+    from metaalign_cli import cli_spec
+    from metaalign_cli.config import BuildConfig
 
-    @app.command("build-data")
-    def build_data_cmd(
-        inputs: list[Path] = typer.Argument(..., help="Input files (.jsonl, .jsonl.gz, .json, .csv); several allowed."),
-        output: Path = typer.Option(..., "--output", "-o", help="Output directory (split/stage JSONL files and stats.json)."),
-        formats: Optional[list[str]] = typer.Option(
-            None, "--format", "-f",
-            help="Input format: ultrafeedback, scored, pairwise or hh-rlhf (guessed from the fields when "
-                 "omitted); add 'sharegpt' (e.g. -f ultrafeedback,sharegpt) to also write FastChat conversations."),
-        template: Optional[str] = typer.Option(
-            None, "--template", "-t",
-            help="Correction template rendering the prompts (same as `correct`). Default: hh-rlhf for hh-rlhf input, else ultrafeedback."),
-        objectives: Optional[str] = typer.Option(
-            None, "--objectives", "-O",
-            help="pairwise/hh-rlhf without labels: objectives the chosen response is better on "
-                 "(hh-rlhf default: harmless). ultrafeedback/scored: use only these."),
-        objective_map: Optional[list[str]] = typer.Option(
-            None, "--objective-map", help="Rename a source aspect/score field: ASPECT=OBJECTIVE (repeatable)."),
-        tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0,
-                                         help="Scores within this margin count as equal (scored, ultrafeedback)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the objective shuffles and the warm-up sample."),
-        split_seed: int = typer.Option(0, "--split-seed", help="Seed of the per-query split hash."),
-        warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", min=0.0, max=1.0,
-                                           help="Share of equal-preference items copied into the warm-up stage."),
-        validation_ratio: float = typer.Option(0.05, "--validation-ratio", min=0.0, max=1.0,
-                                               help="Share of queries in the validation split."),
-        test_ratio: float = typer.Option(0.0, "--test-ratio", min=0.0, max=1.0,
-                                         help="Share of queries in a test split (0: no test split)."),
-        exclude_queries: Optional[list[Path]] = typer.Option(
-            None, "--exclude-queries",
-            help="CSV/JSONL file whose query column lists queries to keep out (repeatable), e.g. the paper's test queries."),
-        exclude_field: str = typer.Option("query", "--exclude-field", help="Column/field of --exclude-queries files."),
-        tokenizer: Optional[str] = typer.Option(
-            None, "--tokenizer", help="GGUF file or local HF tokenizer directory: report token-length percentiles."),
-        strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row with a one-line error (exit 2)."),
-        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read at most this many rows per input file."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier build in --output."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
-        objectives_dir: Optional[list[Path]] = typer.Option(None, "--objectives-dir", help="Extra directory of objective YAML files (repeatable)."),
-        objective_file: Optional[list[Path]] = typer.Option(None, "--objective-file", help="Extra objective YAML file (repeatable)."),
-    ):
-        """Build the dynamic multi-objective dataset (paper Algorithm 1) for training a corrector.
+    cli_spec.register(app, "build-data", BuildConfig, build_data_main, DOC,
+                      "Build the training data: the dynamic multi-objective dataset (Algorithm 1)")
 
-        Writes OUTPUT/{train,validation[,test]}/{warmup,equal,preference}.jsonl and
-        OUTPUT/stats.json; a summary goes to stderr. Rows that cannot be used are counted per
-        reason (see stats.json); --strict stops at the first one.
-        """
-        from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, load_objective_set, quiet_libraries, split_names
-        from metaalign_cli.dataset import BuildOptions, ReadOptions, build_data, load_excluded_queries
-        from metaalign_cli.templates import load_template
 
+def build_options(cfg):
+    """The library's :class:`~metaalign_cli.dataset.BuildOptions` of a ``build-data`` config
+    (objectives, template, excluded queries and tokenizer loaded). Raises ValueError for bad
+    ``--format``/``--objective-map`` values, MetaAlignError for the rest."""
+    from metaalign_cli.dataset import BuildOptions, ReadOptions, load_excluded_queries
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.templates import load_template
+
+    input_format, sharegpt = parse_formats(cfg.format)
+    omap = parse_objective_map(cfg.objective_map)
+    objset = load_objectives(dirs=cfg.objectives_dir, files=cfg.objective_file)
+    objs = objset.resolve(cfg.objectives) if cfg.objectives else None
+    for v in omap.values():
+        objset.get(v)  # an unknown target name fails now, with suggestions
+    template = cfg.template
+    if template is None:
+        from metaalign_cli.dataset import guess_file_format
+
+        first = cfg.inputs[0]
+        fmt = input_format or (None if first == "-" else guess_file_format(first))
+        template = "hh-rlhf" if fmt == "hh-rlhf" else "ultrafeedback"
+    exclude = load_excluded_queries(cfg.exclude_queries, cfg.exclude_field) if cfg.exclude_queries else frozenset()
+    count_tokens = None
+    if cfg.tokenizer:
+        from metaalign_cli.dataset import load_token_counter
+
+        count_tokens = load_token_counter(cfg.tokenizer)
+    read = ReadOptions(objective_set=objset, objectives=objs, objective_map=omap, tie_margin=cfg.tie_margin,
+                       exclude=exclude, limit=cfg.limit)
+    return BuildOptions(template=load_template(template, kind="correction"), read=read, input_format=input_format,
+                        seed=cfg.seed, split_seed=cfg.split_seed, warmup_ratio=cfg.warmup_ratio,
+                        validation_ratio=cfg.validation_ratio, test_ratio=cfg.test_ratio, sharegpt=sharegpt,
+                        strict=cfg.strict, count_tokens=count_tokens)
+
+
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    """Fail before reading anything when ``output`` cannot hold the build: a file, an earlier
+    build without ``--overwrite``, or a place where no directory can be made (its nearest
+    existing ancestor is not a writable directory)."""
+    import os
+
+    from metaalign_cli.cli_common import fail
+    from metaalign_cli.dataset import output_files
+
+    if output.exists() and not output.is_dir():
+        raise fail(f"{output}: exists and is not a directory")
+    if not overwrite and output.is_dir():
+        old = [p for p in output_files(output) if p.exists()]
+        if old:
+            raise fail(f"{output}: holds an earlier build ({old[0]}); use --overwrite or another directory")
+    ancestor = output
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise fail(f"{output}: cannot write the dataset here ({ancestor} is not a writable directory)")
+
+
+def build_data_main(cfg, given: dict) -> None:
+    """``metaalign build-data``: flags -> :func:`metaalign_cli.dataset.build_data` -> summary."""
+    import signal
+
+    from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, quiet_libraries
+    from metaalign_cli.dataset import build_data
+
+    output = Path(cfg.output)
+    check_output_dir(output, cfg.overwrite)
+    quiet_libraries(cfg.quiet)
+    with cli_errors():
         try:
-            input_format, sharegpt = parse_formats(formats)
-            omap = parse_objective_map(objective_map)
+            opts = build_options(cfg)
         except ValueError as e:
             raise fail(str(e))
-        if validation_ratio + test_ratio > 1.0:
-            raise fail("--validation-ratio + --test-ratio must be at most 1")
-        if output.exists() and not output.is_dir():
-            raise fail(f"{output}: exists and is not a directory")
-        if not overwrite and output.is_dir():
-            from metaalign_cli.dataset import output_files
-
-            old = [p for p in output_files(output) if p.exists()]
-            if old:
-                raise fail(f"{output}: holds an earlier build ({old[0]}); use --overwrite or another directory")
-        quiet_libraries(quiet)
-        with cli_errors():
-            objset = load_objective_set(objectives_dir, objective_file)
-            objs = objset.resolve(objectives) if split_names(objectives) else None
-            for k, v in omap.items():
-                objset.get(v)  # an unknown target name fails now, with suggestions
-            if template is None:
-                from metaalign_cli.dataset import guess_file_format
-
-                fmt = input_format or (None if str(inputs[0]) == "-" else guess_file_format(str(inputs[0])))
-                template = "hh-rlhf" if fmt == "hh-rlhf" else "ultrafeedback"
-            tpl = load_template(template, kind="correction")
-            exclude = load_excluded_queries(exclude_queries or (), exclude_field) if exclude_queries else frozenset()
-            count_tokens = None
-            if tokenizer:
-                from metaalign_cli.dataset import load_token_counter
-
-                count_tokens = load_token_counter(tokenizer)
-            read = ReadOptions(objective_set=objset, objectives=objs, objective_map=omap,
-                               tie_margin=tie_margin, exclude=exclude, limit=limit)
-            opts = BuildOptions(template=tpl, read=read, input_format=input_format, seed=seed,
-                                split_seed=split_seed, warmup_ratio=warmup_ratio,
-                                validation_ratio=validation_ratio, test_ratio=test_ratio,
-                                sharegpt=sharegpt, strict=strict, count_tokens=count_tokens)
-            # `kill` (SIGTERM) cleans up like Ctrl-C: the half-built dataset is removed.
-            import signal
-
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-            show = not quiet and sys.stderr.isatty()
-            if show:
+        # `kill` (SIGTERM) cleans up like Ctrl-C: the half-built dataset is removed.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        try:
+            if not cfg.quiet and sys.stderr.isatty():
                 with console.status("reading rows...") as status:
                     def on_row(n: int) -> None:
                         if n % 1000 == 0:
                             status.update(f"read {n} rows")
 
-                    stats = build_data([str(p) for p in inputs], output, opts, on_row, keep_empty=False)
+                    stats = build_data(cfg.inputs, output, opts, on_row, keep_empty=False)
             else:
-                stats = build_data([str(p) for p in inputs], output, opts, keep_empty=False)
-        if not quiet:
-            print_summary(stats.to_dict(), output, console)
-        total = sum(stats.to_dict()["items_total"].values())
-        if total == 0:
-            raise fail(f"no items were built (see the bad records and dropped pairs above); nothing was written to "
-                       f"{output}", EXIT_FAILED)
-
-    return None
+                stats = build_data(cfg.inputs, output, opts, keep_empty=False)
+        except OSError as e:
+            raise fail(f"{output}: cannot write the dataset: {e.strerror or e}")
+    if not cfg.quiet:
+        print_summary(stats.to_dict(), output, console)
+    total = sum(stats.to_dict()["items_total"].values())
+    if total == 0:
+        raise fail(f"no items were built (see the bad records and dropped pairs above); nothing was written to "
+                   f"{output}", EXIT_FAILED)
 
 
 def print_summary(stats: dict, output: Path, console) -> None:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from metaalign_cli import __version__
-from metaalign_cli.backends.base import WEIGHT_OPTIONS, Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
 from metaalign_cli.records import JsonlWriter, SourceRecord, extract_query_response, output_records
 from metaalign_cli.templates import CorrectionTemplate
+
+if TYPE_CHECKING:
+    from metaalign_cli.config import CorrectConfig
 
 OnError = Literal["fail", "skip", "keep"]
 
@@ -51,6 +54,7 @@ class CorrectionOptions:
     output_field: str = "corrected"
     on_error: OnError = "fail"
     batch_size: int = 1
+    concurrency: int = 1
 
 
 @dataclass
@@ -65,18 +69,46 @@ class CorrectionReport:
     resumed: int = 0
     truncated: int = 0
     looped: int = 0
+    empty: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    failed_before: int = 0
     errors: list[str] = field(default_factory=list)
+    model: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every record was corrected, 1 when some failed (now, or kept as failed by the
+        run a ``--resume`` continues)."""
+        return 1 if self.failed or self.failed_before else 0
+
+    def to_dict(self) -> dict:
+        """The counts as JSON (what ``--summary`` would write), with records/s and tokens/s."""
+        s = self.seconds
+        return {"written": self.written, "corrected": self.corrected, "failed": self.failed,
+                "resumed": self.resumed, "failed_before": self.failed_before, "truncated": self.truncated,
+                "looped": self.looped, "empty": self.empty, "generated_tokens": self.generated_tokens,
+                "seconds": round(s, 3), "records_per_s": round(self.written / s, 3) if s else None,
+                "tokens_per_s": round(self.generated_tokens / s, 2) if s else None, "model": self.model}
 
 
 @dataclass
-class _Item:
+class PreparedRecord:
+    """One input record read and checked before any model loads: the query, the response to
+    correct and the objectives (``error`` set instead when the record is bad); ``prompt`` is
+    built once the backend's tokenizer can fit it to the context."""
+
     rec: SourceRecord
+    question: str = ""
+    answer: str = ""
+    objectives: list[Objective] = field(default_factory=list)
     prompt: Prompt | None = None
-    objectives: list[str] = field(default_factory=list)
     truncated_chars: int = 0
     error: Exception | None = None
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
 
 
 def record_objectives(rec: SourceRecord, opts: CorrectionOptions) -> list[Objective]:
@@ -152,31 +184,72 @@ def effective_settings(settings: GenerationSettings, backend: Backend) -> Genera
     return settings
 
 
-def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: CorrectionOptions,
-                    writer: JsonlWriter, skip_keys: "Counter[str] | None" = None,
-                    on_progress: Callable[[int, int], None] | None = None,
-                    warn: Callable[[str], None] | None = None) -> CorrectionReport:
-    """Correct every record and write it (plus ``opts.output_field`` and a ``metaalign``
-    provenance object) to ``writer``, one line per input record, in input order.
+def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
+                    skip_keys: "Counter[str] | None" = None) -> tuple[list[PreparedRecord], int]:
+    """Read every record and check it (query, response, objectives), before any model loads.
 
-    ``skip_keys``: how many records of each key (``id:..``/``line:..``) are already done
-    (resume; see :func:`metaalign_cli.records.done_records`); consumed as records are skipped.
+    ``skip_keys``: how many records of each key are already done (``--resume``, see
+    :func:`metaalign_cli.records.done_records`); those are left out, consumed as they are
+    met. Returns (the records to correct, in input order, each with ``error`` set when it is
+    bad; how many were skipped as done). Memory: every record to correct is held.
+    """
+    out: list[PreparedRecord] = []
+    resumed = 0
+    for rec in records:
+        if skip_keys and skip_keys.get(rec.key, 0) > 0:
+            skip_keys[rec.key] -= 1  # a count: records may repeat an id
+            resumed += 1
+            continue
+        it = PreparedRecord(rec)
+        if rec.error is not None:
+            it.error = rec.error
+        else:
+            try:
+                it.question, it.answer = extract_query_response(rec, opts.query_field, opts.response_field)
+                it.objectives = record_objectives(rec, opts)
+            except InputError as e:
+                it.error = e
+        out.append(it)
+    return out, resumed
+
+
+def first_input_error(items: list[PreparedRecord]) -> InputError | None:
+    """The first bad record's error (what ``--on-error fail`` stops on), or None."""
+    return next((it.error for it in items if isinstance(it.error, InputError)), None)
+
+
+def provenance(backend: Backend, opts: CorrectionOptions) -> dict:
+    """The ``metaalign`` object every output record carries (before its per-record keys):
+    backend info (model, load options, dtype/device where known; never secrets), template,
+    prompt format, generation settings, version."""
+    settings = effective_settings(opts.settings, backend)
+    return {**backend.info(), **backend.identity(), "template": opts.template.name,
+            "prompt_format": opts.prompt_format or opts.template.prompt_format,
+            "generation": settings.to_dict(), "version": __version__}
+
+
+def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: CorrectionOptions,
+                     writer: JsonlWriter, on_progress: Callable[[int, int], None] | None = None,
+                     warn: Callable[[str], None] | None = None) -> CorrectionReport:
+    """Correct prepared records and write each (plus ``opts.output_field`` and a ``metaalign``
+    provenance object) to ``writer``, one flushed line per record, in input order.
+
+    Records go to ``backend.generate`` in chunks of ``backend.chunk_size(batch_size,
+    concurrency)`` (a batch for local backends, that many requests in flight for servers).
     ``on_progress(records, generated_tokens)`` after each written record; ``warn(msg)`` for
-    repairs and per-record errors under skip/keep.
-    Raises RecordFailed at the first failing record when ``opts.on_error == 'fail'``, after
-    writing everything before it.
+    repairs and per-record errors under skip/keep. Raises RecordFailed at the first failing
+    record when ``opts.on_error == 'fail'``, after writing everything before it.
     """
     settings = effective_settings(opts.settings, backend)
     ctx = backend.context_length()
     budget = ctx - settings.max_new_tokens if ctx else None
-    report = CorrectionReport()
+    report = CorrectionReport(model=backend.model_id)
     t0 = time.perf_counter()
-    provenance_base = {**backend.info(), "template": opts.template.name,
-                       "prompt_format": opts.prompt_format or opts.template.prompt_format,
-                       "generation": settings.to_dict(), "version": __version__}
+    provenance_base = provenance(backend, opts)
     warn = warn or (lambda m: None)
-    chunk: list[_Item] = []
-    size = max(1, opts.batch_size)
+    chunk: list[PreparedRecord] = []
+    size = backend.chunk_size(opts.batch_size, opts.concurrency)
+    replaced: set[str] = set()
 
     def flush() -> None:
         todo = [it for it in chunk if it.error is None]
@@ -184,15 +257,15 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
         by_id = {id(it): g for it, g in zip(todo, gens)}
         for it in chunk:
             g = by_id.get(id(it), it.error)
+            if isinstance(g, Generation) and not isinstance(g.text, str):
+                g = MetaAlignError("the model returned no text")
             if isinstance(g, Generation):
-                _emit_ok(it, g)
+                emit_ok(it, g)
             else:
-                _emit_error(it, g)
+                emit_error(it, g)
         chunk.clear()
 
-    replaced: set[str] = set()
-
-    def _emit_ok(it: _Item, g: Generation) -> None:
+    def emit_ok(it: PreparedRecord, g: Generation) -> None:
         out = dict(it.rec.data)
         for f in (opts.output_field, "metaalign"):
             if f in out and f not in replaced:
@@ -201,9 +274,13 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
                      "(choose another with --output-field)")
         if "error" in out and isinstance(out.get("metaalign"), dict):
             del out["error"]  # a failure recorded by an earlier `--on-error keep` run of ours, now fixed
-        out[opts.output_field] = g.text.strip()
-        prov = {**provenance_base, "objectives": it.objectives, "input_line": it.rec.line,
+        text = g.text.strip()
+        out[opts.output_field] = text
+        prov = {**provenance_base, "objectives": it.objective_names, "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}
+        if not text:
+            prov["empty"] = True
+            report.empty += 1
         if it.truncated_chars:
             prov["truncated_query_chars"] = it.truncated_chars
         out["metaalign"] = prov
@@ -215,7 +292,7 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
         if on_progress:
             on_progress(report.written + report.failed, report.generated_tokens)
 
-    def _emit_error(it: _Item, err: Exception) -> None:
+    def emit_error(it: PreparedRecord, err: Exception) -> None:
         is_input = isinstance(err, InputError)
         if is_input and err.source is None:
             err.source, err.line = it.rec.source, it.rec.line
@@ -228,29 +305,20 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
         if opts.on_error == "keep":
             out = dict(it.rec.data) if it.rec.data is not None else {}
             out["error"] = msg
-            out["metaalign"] = {**provenance_base, "objectives": it.objectives, "input_line": it.rec.line}
+            out["metaalign"] = {**provenance_base, "objectives": it.objective_names, "input_line": it.rec.line}
             writer.write(out)
             report.written += 1
         if on_progress:
             on_progress(report.written + report.failed, report.generated_tokens)
 
     try:
-        for rec in records:
-            if skip_keys and skip_keys.get(rec.key, 0) > 0:
-                skip_keys[rec.key] -= 1  # a count: records may repeat an id
-                report.resumed += 1
-                continue
-            for w in rec.warnings:
+        for it in items:
+            for w in it.rec.warnings:
                 warn(w)
-            it = _Item(rec)
-            if rec.error is not None:
-                it.error = rec.error
-            else:
+            if it.error is None:
                 try:
-                    q, a = extract_query_response(rec, opts.query_field, opts.response_field)
-                    objs = record_objectives(rec, opts)
-                    it.objectives = [o.name for o in objs]
-                    it.prompt, it.truncated_chars = fit_to_context(q, a, objs, opts, backend, budget)
+                    it.prompt, it.truncated_chars = fit_to_context(it.question, it.answer, it.objectives, opts,
+                                                                   backend, budget)
                     if it.truncated_chars:
                         report.truncated += 1
                 except InputError as e:
@@ -266,34 +334,45 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
     return report
 
 
+def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: CorrectionOptions,
+                    writer: JsonlWriter, skip_keys: "Counter[str] | None" = None,
+                    on_progress: Callable[[int, int], None] | None = None,
+                    warn: Callable[[str], None] | None = None) -> CorrectionReport:
+    """:func:`prepare_records` then :func:`correct_prepared` on a loaded backend (the
+    library's one-call pipeline; ``skip_keys`` as in ``prepare_records``)."""
+    items, resumed = prepare_records(records, opts, skip_keys)
+    report = correct_prepared(items, backend, opts, writer, on_progress, warn)
+    report.resumed = resumed
+    return report
+
+
 def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionOptions) -> str | None:
     """Why the records already in ``path`` were corrected with other settings than ``opts``
-    on ``backend`` (model, LoRA, re-quantization, template, prompt format, generation
-    settings, or the objectives of a record that has no own list), or None when they match or
-    the file holds none. `--resume` refuses to mix settings in one output file."""
+    on ``backend`` (:meth:`~metaalign_cli.backends.base.Backend.identity`: model, server, LoRA,
+    re-quantization, dtype, device...; template, prompt format, generation settings; or the
+    objectives of a record that has no own list), or None when they match or the file holds
+    none (see :func:`metaalign_cli.resume.provenance_mismatch`). `--resume` refuses to mix
+    settings in one output file."""
+    from metaalign_cli.resume import provenance_mismatch
+
     p = Path(path)
     if not p.is_file():
         return None
-    settings = effective_settings(opts.settings, backend)
-    info = backend.info()
-    now = {"model": info.get("model"), "template": opts.template.name,
-           "prompt_format": opts.prompt_format or opts.template.prompt_format, "generation": settings.to_dict()}
+    now = {**backend.identity(), "template": opts.template.name,
+           "prompt_format": opts.prompt_format or opts.template.prompt_format,
+           "generation": effective_settings(opts.settings, backend).to_dict()}
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
+    checked_settings = False
     for _, rec in output_records(p):
         prov = rec.get("metaalign") if isinstance(rec, dict) else None
         if not isinstance(prov, dict):
             continue
-        for k in WEIGHT_OPTIONS:  # absent means none, in old and new files alike
-            if prov.get(k) != info.get(k):
-                return f"{k} {prov.get(k)!r} there, {info.get(k)!r} now"
-        for k, v in now.items():
-            if k in prov and prov[k] != v:
-                if isinstance(v, dict) and isinstance(prov[k], dict):
-                    diff = [f"{sub} {prov[k].get(sub)!r} there, {v.get(sub)!r} now"
-                            for sub in sorted(set(v) | set(prov[k])) if prov[k].get(sub) != v.get(sub)]
-                    return f"{k}: " + "; ".join(diff)
-                return f"{k} {prov[k]!r} there, {v!r} now"
+        if not checked_settings:
+            why = provenance_mismatch(prov, now)
+            if why:
+                return why
+            checked_settings = True
         if not checked_objectives and "objectives" not in rec and "objectives" in prov:
             if prov["objectives"] != flag:
                 return f"objectives {prov['objectives']!r} there, {flag!r} now"
@@ -301,3 +380,77 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         if checked_objectives:
             return None
     return None
+
+
+def correction_options(cfg: "CorrectConfig", objective_set: ObjectiveSet, template: CorrectionTemplate,
+                       prompt_format: str | None) -> CorrectionOptions:
+    """The pipeline options of a ``correct`` config (objectives resolved in ``objective_set``)."""
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, repeat_penalty=cfg.repeat_penalty, seed=cfg.seed,
+                                  loop_guard=cfg.loop_guard)
+    objs = objective_set.resolve(cfg.objectives) if cfg.objectives else None
+    return CorrectionOptions(template=template, objective_set=objective_set, objectives=objs, settings=settings,
+                             prompt_format=prompt_format, system=cfg.system, query_field=cfg.query_field,
+                             response_field=cfg.response_field, output_field=cfg.output_field,
+                             on_error=cfg.on_error, batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+
+
+def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
+                on_progress: Callable[[int, int], None] | None = None,
+                warn: Callable[[str], None] | None = None,
+                on_model: Callable[[str], None] | None = None) -> CorrectionReport:
+    """``metaalign correct`` as a library call: correct ``cfg.input`` into ``cfg.output``.
+
+    In this order, so that nothing slow happens before a mistake is found: objectives,
+    template and model are resolved (:func:`metaalign_cli.models.resolve_model`, nothing
+    loaded), every input record is read and checked (under ``on_error='fail'`` the first bad
+    record stops the run here, before the model loads), ``--resume``'s output file is read,
+    then the model loads (``backend`` given: used as it is, e.g. a test's scripted backend)
+    and its settings are checked against the file's, then records are corrected and written
+    one line each. ``on_model(label)`` is told which model is used; ``warn(msg)`` gets repairs,
+    load notes and per-record errors; ``on_progress(records, tokens)``.
+
+    Returns the :class:`CorrectionReport` (``to_dict()`` is the summary, ``exit_code`` the
+    process's). Raises RecordFailed (a bad record under ``fail``; everything before it
+    written when it is a generation failure), ConfigError/UnknownNameError (bad objectives,
+    template, model or options), InputError (unreadable input, a resume file of another run),
+    MetaAlignError (a model that cannot load).
+    """
+    from metaalign_cli.models import resolve_model, spec_from_config
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.records import done_records, read_records
+    from metaalign_cli.templates import load_template
+
+    warn = warn or (lambda m: None)
+    objset = load_objectives(dirs=cfg.objectives_dir, files=cfg.objective_file)
+    resolved = None if backend is not None else resolve_model(spec_from_config(cfg, "corrector"), "corrector")
+    tpl = load_template(cfg.template or (resolved.template if resolved else None) or "ultrafeedback",
+                        kind="correction")
+    opts = correction_options(cfg, objset, tpl, cfg.prompt_format or (resolved.prompt_format if resolved else None))
+    done = done_records(cfg.output, cfg.output_field) if cfg.resume else None
+    items, resumed = prepare_records(read_records(cfg.input, cfg.input_format), opts, done.keys if done else None)
+    bad = first_input_error(items) if opts.on_error == "fail" else None
+    if bad is not None:
+        raise RecordFailed(bad, True)
+    if not items and not resumed:
+        warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
+    if resolved is not None and on_model:
+        on_model(resolved.label)
+    own = backend is None
+    be = backend if backend is not None else resolved.load()
+    try:
+        for w in be.warnings:
+            warn(w)
+        if cfg.resume:
+            why = resume_mismatch(cfg.output, be, opts)
+            if why:
+                raise InputError(f"--resume would mix settings in one file ({why}); rerun with the same settings, "
+                                 "or write to another file", source=cfg.output)
+        with JsonlWriter(cfg.output, append=cfg.resume) as writer:
+            report = correct_prepared(items, be, opts, writer, on_progress, warn)
+    finally:
+        if own:
+            be.close()
+    report.resumed = resumed
+    report.failed_before = done.kept_failures if done else 0
+    return report

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from metaalign_cli.errors import MetaAlignError
+from metaalign_cli.gguf_types import GGUF_TYPES
 
 # llama.cpp's llama_ftype values for the types we name.
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 
 
 def _permute(w, n_head: int):
@@ -237,10 +237,10 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
         import llama_cpp
     except ImportError:
         raise MetaAlignError("quantizing needs llama-cpp-python: pip install llama-cpp-python") from None
-    if qtype not in FTYPES or qtype in ("f16", "f32"):
+    if qtype not in GGUF_TYPES or qtype in ("f16", "f32"):
         raise MetaAlignError(f"unknown quantization type '{qtype}' (q8_0, q4_k_m, q4_0, q5_k_m, q6_k)")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[qtype]
+    params.ftype = GGUF_TYPES[qtype]
     params.nthread = threads or os.cpu_count() or 1
     with _native_output_to_file() as log_path:
         rc = llama_cpp.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), params)
@@ -300,10 +300,10 @@ def export_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | N
         raise MetaAlignError(f"{model_dir}: not a directory")
     types = [t.lower() for t in types] or ["f16"]
     for t in types:
-        if t not in FTYPES:
-            raise MetaAlignError(f"unknown GGUF type '{t}' (known: {', '.join(FTYPES)})")
+        if t not in GGUF_TYPES:
+            raise MetaAlignError(f"unknown GGUF type '{t}' (known: {', '.join(GGUF_TYPES)})")
     card_path = model_dir / "metaalign.json"
-    from metaalign_cli.models import load_card_json
+    from metaalign_cli.correctors import load_card_json
 
     card = load_card_json(card_path) if card_path.is_file() else {}
     base = card.get("base_model")

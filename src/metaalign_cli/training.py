@@ -21,7 +21,6 @@ Heavy imports (torch, transformers, trl, peft, datasets) happen inside the funct
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import random
 import time
@@ -31,17 +30,13 @@ from typing import Any, Callable
 
 import yaml
 
-from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
-from metaalign_cli.yamlfiles import load_yaml_mapping
-
-STAGES = ("warmup", "equal", "preference")
+from metaalign_cli.config import Invalid, load_config, opt
+from metaalign_cli.dataset.algorithm import STAGES
+from metaalign_cli.errors import InputError, MetaAlignError
+from metaalign_cli.gguf_types import GGUF_TYPES
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
 STAGE_DONE = "stage.json"
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass
@@ -49,67 +44,111 @@ class TrainConfig:
     """Every knob of ``metaalign train``, with the paper's Table 5 values as defaults where
     the paper gives one (lr 1e-5, 2 epochs, warm-up ratio 0.05, Adam, BF16, max 2048 tokens
     for the 1.1B corrector); the cosine schedule is the issue's. Loaded from YAML by
-    :func:`load_train_config`, overridden by CLI flags, saved beside the model."""
+    :func:`load_train_config`, overridden by CLI flags (generated from these fields), saved
+    beside the model."""
 
     # model
-    base_model: str | None = _f(None, "Hub id, HF directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct GGUF.")
-    output_dir: str = _f("metaaligner-out", "Directory for the trained corrector, checkpoints and metrics.")
-    template: str | None = _f(None, "Correction template the prompts were rendered with (recorded for `correct`). Default: the rows' 'template' field, else hh-rlhf.")
-    prompt_format: str | None = _f(None, "raw or chat: how the prompt is fed (must match `correct`). Default: the template's.")
+    base_model: str | None = opt(None, "Hub id, HF directory, .gguf file, or smollm2 (the embedded "
+                                       "SmolLM2-135M-Instruct GGUF, the default).", flags=("--base-model", "-m"),
+                                 metavar="MODEL", panel="Model")
+    output_dir: str = opt("metaaligner-out", "Directory for the trained corrector, checkpoints and metrics.",
+                          flags=("--output", "-o"), metavar="DIR", panel="Model")
+    template: str | None = opt(None, "Correction template the prompts were rendered with (recorded for `correct`). "
+                                     "Default: the rows' 'template' field, else hh-rlhf.", flags=("--template", "-t"),
+                               metavar="NAME", panel="Model")
+    prompt_format: str | None = opt(None, "raw or chat: how the prompt is fed (must match `correct`). Default: the "
+                                          "template's.", choices=("raw", "chat"), metavar="FORMAT", panel="Model")
     # data
-    data_dir: list[str] = _f(None, "Output directories of `metaalign build-data` (their stage files are concatenated).")
-    split: str = _f("train", "Split of data_dir to train on.")
-    warmup_file: str | None = _f(None, "Warm-up JSONL (overrides data_dir's).")
-    equal_file: str | None = _f(None, "Equal-preference subset JSONL (overrides data_dir's).")
-    preference_file: str | None = _f(None, "Preference subset JSONL (overrides data_dir's).")
-    warmup_samples: int | None = _f(None, "Use at most this many warm-up rows (random sample, seeded). Default: all.")
-    equal_samples: int | None = _f(None, "Use at most this many equal-preference rows. Default: all.")
-    preference_samples: int | None = _f(None, "Use at most this many preference rows. Default: all.")
-    stages: list[str] = _f(None, "Stages to run, in order (subset of warmup, equal, preference).",)
+    data_dir: list[str] = opt([], "Output directory of `metaalign build-data` (DIR/train/{warmup,equal,"
+                                  "preference}.jsonl; repeatable: their stage files are concatenated).",
+                              flags=("--data", "-d"), metavar="DIR", panel="Data")
+    split: str = opt("train", "Split of the data directories to train on.", metavar="NAME", panel="Data")
+    warmup_file: str | None = opt(None, "Warm-up JSONL (overrides --data's).", flags=("--warmup",), metavar="FILE",
+                                  panel="Data")
+    equal_file: str | None = opt(None, "Equal-preference subset JSONL (overrides --data's).", flags=("--equal",),
+                                 metavar="FILE", panel="Data")
+    preference_file: str | None = opt(None, "Preference subset JSONL (overrides --data's).", flags=("--preference",),
+                                      metavar="FILE", panel="Data")
+    warmup_samples: int | None = opt(None, "Use at most N warm-up rows (seeded random sample). Default: all.", min=1,
+                                     metavar="N", panel="Data")
+    equal_samples: int | None = opt(None, "Use at most N equal-preference rows. Default: all.", min=1, metavar="N",
+                                    panel="Data")
+    preference_samples: int | None = opt(None, "Use at most N preference rows. Default: all.", min=1, metavar="N",
+                                         panel="Data")
+    stages: list[str] = opt(list(STAGES), "Stages to run, in order, comma-separated (of warmup, equal, preference).",
+                            split=True, choices=STAGES, metavar="NAMES", panel="Data")
     # optimisation (Table 5)
-    learning_rate: float = _f(1e-5, "Peak learning rate (Table 5: 1e-5).")
-    epochs: float = _f(2.0, "Epochs per stage (Table 5: 2).")
-    warmup_epochs: float | None = _f(None, "Epochs of the warm-up stage. Default: epochs.")
-    equal_epochs: float | None = _f(None, "Epochs of the equal-preference stage. Default: epochs.")
-    preference_epochs: float | None = _f(None, "Epochs of the preference stage. Default: epochs.")
-    max_steps: int | None = _f(None, "Cap on optimizer steps per stage (overrides epochs).")
-    warmup_ratio: float = _f(0.05, "Fraction of each stage's steps with linear LR warm-up (Table 5: 0.05).")
-    lr_scheduler: str = _f("cosine", "transformers scheduler name.")
-    optimizer: str = _f("adamw_torch", "transformers optimizer name (Table 5: Adam).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    batch_size: int = _f(4, "Sequences per device per step (the paper's global batch was 512 over 4 GPUs).")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    max_length: int = _f(2048, "Longest prompt+target+EOS in tokens (Table 5: 2048 for the 1.1B corrector).")
-    truncate: bool = _f(False, "Truncate longer sequences (keeping the prompt start) instead of dropping them.")
-    seed: int = _f(42, "Seed for sampling, LoRA init, shuffling and dropout.")
+    learning_rate: float = opt(1e-5, "Peak learning rate (Table 5: 1e-5; LoRA wants ~2e-4).",
+                               flags=("--lr", "--learning-rate"), min=0.0, metavar="LR", panel="Optimisation")
+    epochs: float = opt(2.0, "Epochs per stage (Table 5: 2).", min=0.0, metavar="N", panel="Optimisation")
+    warmup_epochs: float | None = opt(None, "Epochs of the warm-up stage. Default: --epochs.", min=0.0, metavar="N",
+                                      panel="Optimisation")
+    equal_epochs: float | None = opt(None, "Epochs of the equal-preference stage. Default: --epochs.", min=0.0,
+                                     metavar="N", panel="Optimisation")
+    preference_epochs: float | None = opt(None, "Epochs of the preference stage. Default: --epochs.", min=0.0,
+                                          metavar="N", panel="Optimisation")
+    max_steps: int | None = opt(None, "Cap on optimizer steps per stage (overrides the epochs).", min=1, metavar="N",
+                                panel="Optimisation")
+    warmup_ratio: float = opt(0.05, "Fraction of each stage's steps with linear learning-rate warm-up (Table 5: "
+                                    "0.05).", min=0.0, max=0.999, metavar="X", panel="Optimisation")
+    lr_scheduler: str = opt("cosine", "transformers learning-rate scheduler name (cosine, linear, constant, ...).",
+                            metavar="NAME", panel="Optimisation")
+    optimizer: str = opt("adamw_torch", "transformers optimizer name (Table 5: Adam).", metavar="NAME",
+                         panel="Optimisation")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0, metavar="X", panel="Optimisation")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0.0, metavar="X", panel="Optimisation")
+    batch_size: int = opt(4, "Sequences per device per step (the paper's global batch was 512 over 4 GPUs).", min=1,
+                          metavar="N", panel="Optimisation")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", flags=("--grad-accum",), min=1,
+                                           metavar="N", panel="Optimisation")
+    max_length: int = opt(2048, "Longest prompt+target+EOS in tokens (Table 5: 2048 for the 1.1B corrector); "
+                                "longer rows are dropped.", min=1, metavar="N", panel="Optimisation")
+    truncate: bool = opt(False, "Truncate longer sequences (keeping the prompt start) instead of dropping them.",
+                         flags=("--truncate/--no-truncate",), panel="Optimisation")
+    seed: int = opt(42, "Seed of sampling, LoRA init, shuffling and dropout.", metavar="N", panel="Optimisation")
     # precision and memory
-    precision: str = _f("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 (autocast, fp32 master weights) or fp32.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
-    attn_implementation: str | None = _f(None, "Default: flash_attention_2 on a GPU when flash-attn is installed, else sdpa.")
-    packing: str = _f("auto", "auto (packing with flash-attention 2, length grouping otherwise), pack, group or none.")
-    device: str = _f("auto", "auto, cuda or cpu.")
+    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, else fp32), bf16 (autocast, fp32 "
+                                 "master weights) or fp32.", choices=("auto", "bf16", "fp32"), metavar="P",
+                         panel="Precision and memory")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% "
+                                              "slower).", flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
+                                       panel="Precision and memory")
+    attn_implementation: str | None = opt(None, "Default: flash_attention_2 on a GPU when flash-attn is installed, "
+                                                "else sdpa.", metavar="NAME", panel="Precision and memory")
+    packing: str = opt("auto", "auto (packing with flash-attention 2, length grouping otherwise), pack, group or "
+                               "none.", choices=("auto", "pack", "group", "none"), metavar="MODE",
+                       panel="Precision and memory")
+    device: str = opt("auto", "auto, cuda or cpu.", choices=("auto", "cuda", "cpu"), metavar="DEVICE",
+                      panel="Precision and memory")
     # LoRA
-    lora_r: int | None = _f(None, "LoRA rank; unset = full fine-tuning.")
-    lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_r.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    lora_target: str = _f("all-linear", "Modules LoRA adapts: all-linear or comma-separated names (q_proj,v_proj).")
-    qlora: bool = _f(False, "Load the base in 4 bit (needs bitsandbytes and a CUDA GPU).")
-    merge: bool = _f(True, "LoRA runs: save the merged full model at the top of output_dir (the adapter stays in output_dir/adapter).")
+    lora_r: int | None = opt(None, "LoRA rank; unset = full fine-tuning.", min=1, metavar="R", panel="LoRA")
+    lora_alpha: int | None = opt(None, "LoRA alpha. Default: 2 * lora_r.", min=1, metavar="A", panel="LoRA")
+    lora_dropout: float = opt(0.05, "LoRA dropout.", min=0.0, max=1.0, metavar="X", panel="LoRA")
+    lora_target: str = opt("all-linear", "Modules LoRA adapts: all-linear or comma-separated names (q_proj,v_proj).",
+                           metavar="NAMES", panel="LoRA")
+    qlora: bool = opt(False, "Load the base in 4 bit (needs bitsandbytes and a CUDA GPU).",
+                      flags=("--qlora/--no-qlora",), panel="LoRA")
+    merge: bool = opt(True, "LoRA runs: save the merged full model at the top of the output (the adapter stays in "
+                            "adapter/).", flags=("--merge/--no-merge",), panel="LoRA")
     # checkpoints, logs, export
-    save_steps: int = _f(200, "Checkpoint every N optimizer steps within a stage (plus one after each stage).")
-    save_total_limit: int | None = _f(2, "Keep at most this many step checkpoints per stage.")
-    logging_steps: int = _f(1, "Log loss/lr/tokens-per-second every N steps.")
-    plot: bool = _f(False, "Write loss.png (needs matplotlib).")
-    export_gguf: list[str] = _f(None, "After training, export GGUF files of these types (f16, q8_0, q4_k_m).")
+    save_steps: int = opt(200, "Checkpoint every N optimizer steps within a stage (plus one after each stage).",
+                          min=1, metavar="N", panel="Checkpoints, logs, export")
+    save_total_limit: int | None = opt(2, "Keep at most this many step checkpoints per stage.", min=1, metavar="N",
+                                       panel="Checkpoints, logs, export")
+    logging_steps: int = opt(1, "Log loss, learning rate and tokens/s every N steps.", min=1, metavar="N",
+                             panel="Checkpoints, logs, export")
+    plot: bool = opt(False, "Write loss.png (needs matplotlib).", flags=("--plot/--no-plot",),
+                     panel="Checkpoints, logs, export")
+    export_gguf: list[str] = opt([], "After training, export GGUF files of these types, comma-separated (f16, f32, "
+                                     "q8_0, q4_k_m, q4_0, q5_k_m, q6_k).", split=True, choices=tuple(GGUF_TYPES),
+                                 metavar="TYPES", panel="Checkpoints, logs, export")
 
-    def __post_init__(self):
-        if self.stages is None:
-            self.stages = list(STAGES)
-        if self.export_gguf is None:
-            self.export_gguf = []
-        if self.data_dir is None:
-            self.data_dir = []
+    def validate(self) -> None:
+        """Cross-field checks (ranges and choices come from the field metadata). Raises Invalid."""
+        if self.qlora and self.lora_r is None:
+            raise Invalid("qlora", "needs lora_r (QLoRA trains a LoRA adapter on a 4-bit base)")
+        if not self.stages:
+            raise Invalid("stages", "needs at least one stage")
 
     def stage_epochs(self, stage: str) -> float:
         v = getattr(self, f"{stage}_epochs")
@@ -122,94 +161,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def validate_config(cfg: TrainConfig, source: str = "config") -> TrainConfig:
-    """Check value ranges and choices; raises ConfigError naming the key."""
-    def bad(key, msg):
-        raise ConfigError(f"{source}: key '{key}': {msg}")
-
-    for s in cfg.stages:
-        if s not in STAGES:
-            bad("stages", f"unknown stage '{s}' (known: {', '.join(STAGES)})")
-    if cfg.prompt_format not in (None, "raw", "chat"):
-        bad("prompt_format", "must be raw or chat")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        bad("precision", "must be auto, bf16 or fp32")
-    if cfg.packing not in ("auto", "pack", "group", "none"):
-        bad("packing", "must be auto, pack, group or none")
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        bad("device", "must be auto, cuda or cpu")
-    for key in ("batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps"):
-        if getattr(cfg, key) < 1:
-            bad(key, "must be >= 1")
-    if cfg.learning_rate <= 0:
-        bad("learning_rate", "must be > 0")
-    if not 0 <= cfg.warmup_ratio < 1:
-        bad("warmup_ratio", "must be in [0, 1)")
-    if cfg.lora_r is not None and cfg.lora_r < 1:
-        bad("lora_r", "must be >= 1")
-    if cfg.qlora and cfg.lora_r is None:
-        bad("qlora", "needs lora_r (QLoRA trains a LoRA adapter on a 4-bit base)")
-    for q in cfg.export_gguf:
-        if q.lower() not in ("f16", "f32", "bf16", "q8_0", "q4_k_m", "q4_0", "q5_k_m", "q6_k"):
-            bad("export_gguf", f"unknown type '{q}' (f16, q8_0, q4_k_m...)")
-    return cfg
-
-
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config (``yaml.safe_load``; every key must be a :class:`TrainConfig` field)
-    and apply ``overrides`` (CLI flags; None values are ignored).
+    and apply ``overrides`` (CLI flags; None values are ignored); see
+    :func:`metaalign_cli.config.load_config`.
 
     Raises ConfigError for an unreadable file, invalid YAML, an unknown key (with the closest
-    known key suggested) or a value of the wrong type.
+    known key suggested), a value of the wrong type, out of range or not allowed.
     """
-    data: dict[str, Any] = {}
-    src = str(path) if path else "config"
-    if path:
-        loaded = load_yaml_mapping(path, "train config", empty_ok=True)
-        data.update(loaded)
-    for k in data:
-        if k not in _FIELDS:
-            close = difflib.get_close_matches(str(k), list(_FIELDS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{src}: unknown key '{k}'{hint}")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for k, v in data.items():
-        data[k] = _coerce(k, v, src)
-    return validate_config(TrainConfig(**data), src)
-
-
-def _coerce(key: str, value: Any, src: str) -> Any:
-    """YAML values to the field's type (``1e-5`` is a string to YAML 1.1; lists may be CSV)."""
-    typ = str(_FIELDS[key].type)
-    if value is None:
-        return None
-    try:
-        if typ.startswith("list"):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError("expected a list")
-            return [str(v) for v in value]
-        if typ.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ValueError("expected true or false")
-            return value
-        if typ.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError("expected an integer")
-            return int(value)
-        if typ.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
-        if typ.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{src}: key '{key}': {e}: {value!r}") from None
-    return value
+    return load_config(TrainConfig, path, overrides)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
@@ -387,15 +347,6 @@ def build_stage_dataset(examples: list[TrainingExample], tokenizer, cfg: TrainCo
 
 
 # ---------------------------------------------------------------- models
-
-
-def resolve_base_model(base: str | None) -> str:
-    """``base`` or the embedded SmolLM2-135M-Instruct GGUF."""
-    if base:
-        return str(base)
-    from metaalign_cli.backends import default_model_path
-
-    return str(default_model_path())
 
 
 def check_base_path(base: str) -> None:
@@ -637,6 +588,8 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
         raise MetaAlignError(f"{out}: already holds a training run; use --resume to continue it or another --output")
     # Cheap checks first: bad data or a missing model file fail before torch loads.
     data = load_stage_data(cfg)
+    from metaalign_cli.models import resolve_base_model
+
     base = resolve_base_model(cfg.base_model)
     check_base_path(base)
 
@@ -855,7 +808,7 @@ def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, pro
     if lora:
         card["adapter"] = "adapter"
         card["lora_r"] = cfg.lora_r
-    from metaalign_cli.models import MODEL_CARD
+    from metaalign_cli.correctors import MODEL_CARD
 
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return card

@@ -6,7 +6,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.openai_api import APIOptions
 from metaalign_cli.errors import MetaAlignError
+from metaalign_cli.redact import redact_url
 
 
 class AnthropicBackend(Backend):
@@ -15,9 +17,10 @@ class AnthropicBackend(Backend):
     Every prompt is sent as a user message (Anthropic has no raw completion endpoint)."""
 
     name = "anthropic"
+    Options = APIOptions
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
-                 retries: int = 4, timeout: float = 120.0, **_ignored):
+                 retries: int = 4, timeout: float = 120.0):
         try:
             import anthropic
         except ImportError:
@@ -59,4 +62,8 @@ class AnthropicBackend(Backend):
             return list(ex.map(run, prompts))
 
     def info(self) -> dict:
-        return {"backend": self.name, "model": self.model_id, **({"base_url": self.base_url} if self.base_url else {})}
+        return {"backend": self.name, "model": self.model_id,
+                **({"base_url": redact_url(self.base_url)} if self.base_url else {})}
+
+    def chunk_size(self, batch_size: int, concurrency: int) -> int:
+        return max(1, batch_size, concurrency)

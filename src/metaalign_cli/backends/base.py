@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel, ConfigDict
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -83,6 +85,17 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
 # Load options that change a model's weights (provenance keys): answers made with other values
 # are not the same model's, for `--resume` and the judge cache.
 WEIGHT_OPTIONS = ("lora_path", "quant")
+# Everything besides backend and model that decides a model's answers: its weights, where it
+# runs and how its numbers are computed (issue: fp32/CPU and bf16/GPU answers must not mix).
+ANSWER_KEYS = ("base_url", *WEIGHT_OPTIONS, "dtype", "device", "attn_implementation", "batch_size",
+               "tensor_parallel_size")
+
+
+class BackendOptions(BaseModel):
+    """The options a backend takes at load time (a pydantic model per backend, ``Backend.Options``):
+    every field has a default and a description; a key the backend does not take is refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class BackendError(RuntimeError):
@@ -95,6 +108,10 @@ class Backend(abc.ABC):
 
     name: str = "base"
     model_id: str = ""
+    #: The load-time options this backend takes (see :func:`metaalign_cli.backends.create_backend`).
+    Options: type[BackendOptions] = BackendOptions
+    #: Messages for the user from loading (e.g. a fallback taken); the CLI prints them.
+    warnings: tuple[str, ...] = ()
     #: Runs the model in this process: greedy decoding of one prompt gives the same answer every
     #: time (a remote server may batch, shard or change its model between calls).
     local: bool = False
@@ -113,15 +130,23 @@ class Backend(abc.ABC):
         """One result per prompt, in order: a Generation, or the Exception that failed that
         prompt (a failure never takes another prompt's result)."""
 
-    @property
-    def weights_id(self) -> str:
-        """The model id plus whatever changes its weights at load time (a LoRA adapter, a
-        re-quantization): what a cache of its answers is keyed on."""
-        return self.model_id
+    def identity(self) -> dict:
+        """What identifies this model's answers: backend, model and the :data:`ANSWER_KEYS` that
+        :meth:`info` reports (server, LoRA, re-quantization, dtype, device, batch size...).
+        `--resume` refuses to mix two identities in one file; the judge cache is keyed on it."""
+        info = self.info()
+        return {"backend": self.name, "model": self.model_id,
+                **{k: info[k] for k in ANSWER_KEYS if info.get(k) is not None}}
 
     def info(self) -> dict:
         """Provenance: backend name, model id and load options (never secrets)."""
         return {"backend": self.name, "model": self.model_id}
+
+    def chunk_size(self, batch_size: int, concurrency: int) -> int:
+        """How many records the correction pipeline hands :meth:`generate` at once: ``batch_size``
+        for local backends (one batch); servers take ``max(batch_size, concurrency)`` so that
+        many requests are in flight."""
+        return max(1, batch_size)
 
     def close(self) -> None:
         """Release the model or connections."""

@@ -5,8 +5,23 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
+from typing import Literal
+
+from pydantic import Field
+
+from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, is_looping
 from metaalign_cli.errors import MetaAlignError
+
+
+class TransformersOptions(BackendOptions):
+    """Load options of the transformers backend."""
+
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: cuda, then mps, then cpu.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 elsewhere.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call (left padding, length-sorted).")
+    attn_implementation: str | None = Field(None, description="Default: flash_attention_2 on a GPU when installed, "
+                                                              "else sdpa.")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -53,9 +68,10 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     local = True
+    Options = TransformersOptions
 
     def __init__(self, model: str | None, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 8, attn_implementation: str | None = None, **_ignored):
+                 batch_size: int = 8, attn_implementation: str | None = None):
         if not model:
             raise MetaAlignError("the transformers backend needs --model (an HF directory or hub id)")
         try:
@@ -179,7 +195,8 @@ class TransformersBackend(Backend):
 
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id, "device": self.device,
-                "dtype": str(self.dtype).replace("torch.", ""), "attn_implementation": self.attn}
+                "dtype": str(self.dtype).replace("torch.", ""), "attn_implementation": self.attn,
+                "batch_size": self.batch_size}
 
 
 def _loop_criteria(prompt_width: int):

@@ -5,8 +5,21 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
+from pydantic import Field
+
+from metaalign_cli.backends.base import Backend, BackendError, BackendOptions, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import MetaAlignError
+from metaalign_cli.redact import redact_url
+
+
+class APIOptions(BackendOptions):
+    """Load options of the API backends (openai, anthropic)."""
+
+    base_url: str | None = Field(None, description="The server; default: the provider's.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight.")
+    retries: int = Field(4, ge=0, description="The client's retries (429, 5xx, timeouts), exponential backoff "
+                                              "honouring Retry-After.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
 
 
 class OpenAIBackend(Backend):
@@ -21,9 +34,10 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
+    Options = APIOptions
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
-                 retries: int = 4, timeout: float = 120.0, **_ignored):
+                 retries: int = 4, timeout: float = 120.0):
         try:
             import openai
         except ImportError:
@@ -41,9 +55,9 @@ class OpenAIBackend(Backend):
             try:
                 models = self.client.models.list().data
             except openai.OpenAIError as e:
-                raise MetaAlignError(f"{base_url}: cannot list models: {e}") from None
+                raise MetaAlignError(f"{redact_url(base_url)}: cannot list models: {e}") from None
             if not models:
-                raise MetaAlignError(f"{base_url}: the server lists no model; pass --model")
+                raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
             model = models[0].id
         self.model_id = model
 
@@ -84,8 +98,11 @@ class OpenAIBackend(Backend):
     def info(self) -> dict:
         d = {"backend": self.name, "model": self.model_id}
         if self.base_url:
-            d["base_url"] = self.base_url
+            d["base_url"] = redact_url(self.base_url)
         return d
+
+    def chunk_size(self, batch_size: int, concurrency: int) -> int:
+        return max(1, batch_size, concurrency)
 
     def close(self) -> None:
         self.client.close()

@@ -1,0 +1,162 @@
+"""Blind judging by people or any outside judge: task export and verdict import.
+
+The protocol of a human evaluation of Algorithm 2: each task shows one query, RESPONSE 1 and
+RESPONSE 2 (a candidate and the golden response, in the position the LLM judge would draw:
+:func:`~metaalign_cli.judging.verdicts.candidate_position`, or both orders) and one objective
+with its description; no candidate names; tasks shuffled (seeded). The key that maps tasks back
+to (record, objective, candidate, position) is written to a separate file, so whoever judges
+never sees it. Verdicts come back as JSONL ``{"task": ID, "verdict": 1|2|0}`` (0 = tie) and
+become the same judgment rows, summary, intervals and advantage an LLM judge gives.
+
+An export is identified by a digest of its plan (records, objectives, candidates, positions
+and the exact texts shown); task ids carry it, so verdicts or a key of another export are
+refused, as are missing, extra or duplicate tasks and values other than 0, 1 and 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+from metaalign_cli import __version__
+from metaalign_cli.errors import InputError
+from metaalign_cli.judging.plan import JudgeUnit, aspect_text
+from metaalign_cli.judging.verdicts import combine_orders, verdict_outcome
+
+KEY_FORMAT = "metaalign-blind-key-1"
+
+
+def export_id(units: list[JudgeUnit]) -> str:
+    """A 12-hex digest of what the tasks show and how they map back (record id, objective,
+    candidate, order, position, query, both responses): the same plan always gives the same id."""
+    h = hashlib.sha256()
+    for u in units:
+        for a in u.asks:
+            r1, r2 = _responses(u, a.candidate_position)
+            h.update(json.dumps([u.item.record_id, u.objective.name, u.candidate, a.order, a.candidate_position,
+                                 u.item.question, r1, r2, aspect_text(u.objective)], ensure_ascii=False).encode())
+    return h.hexdigest()[:12]
+
+
+def _responses(u: JudgeUnit, position: int) -> tuple[str, str]:
+    cand = u.item.candidates[u.candidate]
+    return (cand, u.item.golden) if position == 1 else (u.item.golden, cand)
+
+
+def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dict]:
+    """The blind tasks of pairwise ``units`` (one per ask: two per unit with both orders) and
+    their key.
+
+    Tasks: ``{"task", "query", "response_1", "response_2", "aspect"}``, shuffled with
+    ``random.Random(seed)``; ids ``<export id>-<n>``. Key: ``{"format", "export", "seed",
+    "tasks": [{"task", "record_id", "input_line", "objective", "candidate", "order",
+    "candidate_position"}]}``. Raises InputError for score-mode units (no golden to compare).
+    """
+    if any(u.item.golden is None or u.asks[0].candidate_position is None for u in units):
+        raise InputError("blind tasks are pairwise (candidate vs golden): use --mode pairwise")
+    eid = export_id(units)
+    entries = [(u, a) for u in units for a in u.asks]
+    order = list(range(len(entries)))
+    random.Random(seed).shuffle(order)
+    tasks, key = [], []
+    width = len(str(len(entries)))
+    for n, i in enumerate(order, start=1):
+        u, a = entries[i]
+        tid = f"{eid}-{n:0{width}d}"
+        r1, r2 = _responses(u, a.candidate_position)
+        tasks.append({"task": tid, "query": u.item.question, "response_1": r1, "response_2": r2,
+                      "aspect": aspect_text(u.objective)})
+        key.append({"task": tid, "record_id": u.item.record_id, "input_line": u.item.line,
+                    "objective": u.objective.name, "candidate": u.candidate, "order": a.order,
+                    "candidate_position": a.candidate_position})
+    return tasks, {"format": KEY_FORMAT, "export": eid, "seed": seed, "version": __version__, "tasks": key}
+
+
+def read_key(path: str | os.PathLike, units: list[JudgeUnit]) -> dict:
+    """The key file of an export, checked against the plan of this run (the same input and
+    flags must give the same export id). Raises InputError naming the file."""
+    p = Path(path)
+    try:
+        key = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read the key: {e.strerror or e}", source=str(p)) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"not a blind-task key (invalid JSON: {e})", source=str(p)) from None
+    if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(key.get("tasks"), list):
+        raise InputError("not a blind-task key written by `metaalign judge --blind-key`", source=str(p))
+    if key.get("export") != export_id(units):
+        raise InputError(f"the key is of export {key.get('export')!r}, not of this input and flags "
+                         f"({export_id(units)!r}): use the input and flags of the export", source=str(p))
+    return key
+
+
+def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
+    """Task id -> verdict (0, 1 or 2) from one or more JSONL verdict files (each judge's part).
+
+    Every task of ``key`` must have exactly one verdict across the files. Raises InputError
+    naming file and line for a line that is not ``{"task": ..., "verdict": 0|1|2}``, a task the
+    key does not hold (of another export when its id prefix differs), a task given twice, and
+    naming the first missing task when some have none."""
+    tasks = {t["task"] for t in key["tasks"]}
+    prefix = key["export"] + "-"
+    out: dict[str, int] = {}
+    where: dict[str, str] = {}
+    for path in paths:
+        from metaalign_cli.records import read_jsonl
+
+        for rec in read_jsonl(path):
+            at = f"{rec.source}:{rec.line}"
+            if rec.error is not None:
+                raise rec.error
+            d = rec.data
+            tid, v = d.get("task"), d.get("verdict")
+            if not isinstance(tid, str):
+                raise InputError("expected a task id (string)", rec.source, rec.line, "task")
+            if tid not in tasks:
+                other = "" if tid.startswith(prefix) else f" (of another export: this key's tasks start '{prefix}')"
+                raise InputError(f"task {tid!r} is not in the key{other}", rec.source, rec.line, "task")
+            if isinstance(v, bool) or v not in (0, 1, 2):
+                raise InputError(f"verdict must be 1, 2 or 0 (tie), not {v!r}", rec.source, rec.line, "verdict")
+            if tid in out:
+                raise InputError(f"task {tid!r} has a second verdict (first at {where[tid]})", rec.source, rec.line,
+                                 "task")
+            extra = set(d) - {"task", "verdict"}
+            if extra:
+                raise InputError(f"unexpected field(s) {', '.join(sorted(extra))} (a verdict line is "
+                                 "{\"task\", \"verdict\"})", rec.source, rec.line)
+            out[tid], where[tid] = v, at
+    missing = [t["task"] for t in key["tasks"] if t["task"] not in out]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(tasks)} task(s) have no verdict (first: {missing[0]})",
+                         source=", ".join(map(str, paths)))
+    return out
+
+
+def blind_rows(units: list[JudgeUnit], key: dict, verdicts: dict[str, int], judge: dict) -> list[dict]:
+    """Judgment rows (the shape an LLM judge's rows have: ``outcome``, ``verdict``,
+    ``candidate_position`` or ``consistent`` with both orders, ``judgments``) from blind
+    verdicts, in plan order. Algorithm 2 lines 9-11: win when the judge picked the candidate's
+    position, tie for 0; with both orders a disagreement is a tie."""
+    by_unit: dict[tuple, list[dict]] = {}
+    for t in key["tasks"]:
+        by_unit.setdefault((json.dumps(t["record_id"]), t["objective"], t["candidate"]), []).append(t)
+    rows = []
+    for u in units:
+        asks = []
+        for t in sorted(by_unit[u.key], key=lambda t: t["order"] != "candidate-first"):
+            v = verdicts[t["task"]]
+            asks.append({"order": t["order"], "candidate_position": t["candidate_position"], "task": t["task"],
+                         "verdict": v, "outcome": verdict_outcome(v, t["candidate_position"])})
+        row = {"record_id": u.item.record_id, "input_line": u.item.line, "objective": u.objective.name,
+               "candidate": u.candidate, "mode": "pairwise"}
+        if len(asks) == 1:
+            row.update(outcome=asks[0]["outcome"], verdict=asks[0]["verdict"],
+                       candidate_position=asks[0]["candidate_position"])
+        else:
+            row["outcome"], row["consistent"] = combine_orders([a["outcome"] for a in asks])
+        row.update(invalid_reason=None, judgments=asks, judge=judge)
+        rows.append(row)
+    return rows

@@ -1,0 +1,134 @@
+"""Judge input: records with a query, a golden response, candidates and objectives, checked
+before any judge call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from metaalign_cli.errors import InputError, UnknownNameError
+from metaalign_cli.objectives import Objective, ObjectiveSet
+from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response,
+                                   string_field)
+
+Mode = Literal["pairwise", "score"]
+
+GOLDEN_FIELDS = ("golden", "goldens")
+CORRECTED_FIELD = "corrected"
+
+
+@dataclass
+class JudgeItem:
+    """One input record ready for judging: ``record_id`` (its ``id`` or, when no record has
+    one, its line number), the query, the golden response (None in score mode when absent),
+    ``candidates`` (name -> text, in the order given) and its objectives."""
+
+    record_id: Any
+    line: int
+    source: str
+    question: str
+    golden: str | None
+    candidates: dict[str, str]
+    objectives: list[Objective]
+
+
+def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSet,
+                     objectives: list[Objective] | None, mode: Mode = "pairwise",
+                     golden_field: str | None = None, candidate_fields: list[str] | None = None,
+                     query_field: str | None = None, id_field: str = "id") -> list[JudgeItem]:
+    """Read and check every record before any judge call.
+
+    Query: ``query_field`` or the first of :data:`~metaalign_cli.records.QUERY_FIELDS` (or an
+    OpenAI ``messages`` history). Golden: ``golden_field`` or ``golden``/``goldens`` (required
+    in pairwise mode). Candidates: ``candidate_fields``, default the original response (first
+    of :data:`~metaalign_cli.records.RESPONSE_FIELDS`, or the last assistant turn of
+    ``messages``) and ``corrected``. Objectives: ``objectives``, else the record's own
+    ``objectives`` or ``metaalign.objectives`` (what ``correct`` wrote).
+
+    Records are aligned by ``id_field``: when any record has one, every record must, and ids
+    must be unique; when none has one, the line number is the id. Raises InputError naming
+    source, line and field for any bad record (unparsable line, missing/duplicate id,
+    missing or non-string field, unknown objective). Empty candidates and goldens are kept (a
+    weak response can be empty; the paper's samples hold a few empty goldens).
+    """
+    recs = list(records)
+    for r in recs:
+        if r.error is not None:
+            raise r.error
+    has_ids = any(id_field in r.data and r.data[id_field] not in (None, "") for r in recs)
+    items: list[JudgeItem] = []
+    seen: dict[str, int] = {}
+    names: list[str] | None = list(candidate_fields) if candidate_fields else None
+    for r in recs:
+        d = r.data
+        if has_ids:
+            if d.get(id_field) in (None, ""):
+                raise InputError("missing id (other records have one: alignment is by id)", r.source, r.line, id_field)
+            rid = d[id_field]
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                raise InputError(f"expected a string or integer id, got {type(rid).__name__}", r.source, r.line, id_field)
+        else:
+            rid = r.line
+        k = json.dumps(rid)
+        if k in seen:
+            raise InputError(f"duplicate id {rid!r} (first on line {seen[k]})", r.source, r.line, id_field)
+        seen[k] = r.line
+
+        messages_text = None
+        if query_field is None and not any(f in d for f in QUERY_FIELDS) and "messages" in d:
+            question, last = extract_query_response(r)
+            messages_text = last
+        else:
+            qf = query_field or next((f for f in QUERY_FIELDS if f in d), None)
+            if qf is None or qf not in d:
+                raise InputError("missing query", r.source, r.line, qf or "/".join(QUERY_FIELDS))
+            question = string_field(r, qf, allow_empty=False)
+
+        gf = golden_field or next((f for f in GOLDEN_FIELDS if f in d), None)
+        golden = None
+        if gf is not None and gf in d:
+            golden = string_field(r, gf, allow_empty=True)  # the reference data has a few empty goldens
+        elif mode == "pairwise":
+            raise InputError("missing golden response", r.source, r.line, gf or "/".join(GOLDEN_FIELDS))
+
+        if names is None:
+            orig = next((f for f in RESPONSE_FIELDS if f in d), None)
+            if orig is None and messages_text is None:
+                raise InputError("missing original response", r.source, r.line, "/".join(RESPONSE_FIELDS))
+            names = [orig or "response", CORRECTED_FIELD]
+        cands: dict[str, str] = {}
+        missing = []  # every missing piece of this record in one error, not one per run
+        for n in names:
+            if n not in d and n == "response" and messages_text is not None:
+                cands[n] = messages_text
+                continue
+            if n not in d:
+                hint = " (not corrected yet? name the fields to judge with --candidate-field)" \
+                    if n == CORRECTED_FIELD and not candidate_fields else ""
+                missing.append(f"field '{n}': missing candidate response{hint}")
+                continue
+            cands[n] = string_field(r, n, allow_empty=True)
+
+        objs = objectives
+        own = None
+        if not objs:
+            own = d.get("objectives")
+            if own is None and isinstance(d.get("metaalign"), dict):
+                own = d["metaalign"].get("objectives")
+            if own is None:
+                missing.append("field 'objectives': no objectives: pass --objectives or give the record an "
+                               "'objectives' list")
+        if missing:
+            raise InputError("; ".join(missing), r.source, r.line)
+        if not objs:
+            if isinstance(own, str):
+                own = own.split(",")
+            if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
+                raise InputError("expected a list of objective names", r.source, r.line, "objectives")
+            try:
+                objs = objective_set.resolve(own)
+            except (UnknownNameError, ValueError) as e:
+                raise InputError(str(e), r.source, r.line, "objectives") from None
+        items.append(JudgeItem(rid, r.line, r.source, question, golden, cands, list(objs)))
+    return items

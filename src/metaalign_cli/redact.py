@@ -1,0 +1,30 @@
+"""Secrets never recorded: URLs as they may be written into outputs, logs and summaries."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+# Query parameters that carry credentials (compared in lower case, '-' and '_' alike).
+_SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|access[-_]?token|auth|password|passwd|secret|sig|signature"
+                            r"|client[-_]?secret|code)$", re.IGNORECASE)
+MASK = "REDACTED"
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with its credentials masked: the ``user:password@`` part dropped and the value
+    of every query parameter that names a secret (``api-key``, ``key``, ``token``,
+    ``password``, ``sig``...) replaced by ``REDACTED``. Anything that does not parse as a URL
+    is returned with every ``user:password@`` pattern masked. None stays None."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@\s]*@", "//", url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if _SECRET_PARAMS.match(k) else v) for k, v in pairs], safe=MASK)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
