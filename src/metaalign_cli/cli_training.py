@@ -58,6 +58,7 @@ def train_cmd(
     merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="LoRA: save the merged model at the top of the output. [default: merge]"),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps. [default: 200]"),
     logging_steps: Optional[int] = typer.Option(None, "--logging-steps"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Experiment trackers to log to: none, or tensorboard, wandb, mlflow, trackio (comma-separated; must be installed). [default: none]"),
     export_gguf: Optional[str] = typer.Option(None, "--export-gguf", help="After training, write GGUF files: f16, q8_0, q4_k_m (comma-separated)."),
     plot: Optional[bool] = typer.Option(None, "--plot/--no-plot", help="Write loss.png in the output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
@@ -81,7 +82,8 @@ def train_cmd(
         gradient_accumulation_steps=grad_accum, max_length=max_length, truncate=truncate, seed=seed,
         precision=precision, gradient_checkpointing=gradient_checkpointing, packing=packing, device=device,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_target=lora_target, lora_dropout=lora_dropout, qlora=qlora,
-        merge=merge, save_steps=save_steps, logging_steps=logging_steps, export_gguf=export_gguf, plot=plot)
+        merge=merge, save_steps=save_steps, logging_steps=logging_steps, report_to=report_to,
+        export_gguf=export_gguf, plot=plot)
     with cli_errors():
         cfg = load_train_config(config, overrides)
         quiet_libraries(quiet)
@@ -94,6 +96,8 @@ def train_cmd(
 
         with _TrainProgress(quiet) as prog:
             result = train_corrector(cfg, resume=resume, on_event=prog.event, log=say)
+    if not result.main_process:
+        return  # another rank of a multi-process run: rank 0 reports
     if not quiet:
         for r in result.reports:
             if r.skipped:
