@@ -345,3 +345,16 @@ def test_report_to_tensorboard_gets_the_logged_values(tmp_path, built_data, tiny
     assert loss == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     tps = [e.value for e in acc.Scalars("train/target_tokens_per_s")]
     assert tps == pytest.approx([r["target_tokens_per_s"] for r in rows], rel=1e-6)
+
+
+def test_half_written_checkpoint_is_not_resumed_from(tmp_path):
+    from metaalign_cli.training import _latest_checkpoint
+
+    d = tmp_path / "checkpoints" / "equal"
+    for n in (2, 4, 6):
+        (d / f"checkpoint-{n}").mkdir(parents=True)
+    for n in (2, 4):
+        (d / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    # checkpoint-6 lacks trainer_state.json: the run was killed while writing it.
+    assert _latest_checkpoint(d) == d / "checkpoint-4"
+    assert _latest_checkpoint(tmp_path / "none") is None

@@ -745,8 +745,10 @@ def gather_full_state_dict(model, accelerator=None) -> dict | None:
         except ValueError as e:
             raise MetaAlignError(f"cannot gather the trained weights: {str(e).splitlines()[0]} "
                                  "(accelerate config: zero3_save_16bit_model: true)") from None
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        return None
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
