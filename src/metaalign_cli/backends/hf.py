@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, is_looping
