@@ -65,8 +65,8 @@ def run_side(args) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from metaalign_cli.training import (StageReport, _build_trainer, build_stage_dataset, load_base_model,
-                                        load_train_config, resolve_base_model)
+    from metaalign_cli.models import resolve_base_model
+    from metaalign_cli.training import StageReport, _build_trainer, build_stage_dataset, load_base_model, load_train_config
 
     torch.manual_seed(0)
     cfg = load_train_config(None, {"max_length": args.max_length, "batch_size": args.batch_size,
@@ -93,15 +93,16 @@ def run_side(args) -> dict:
         trainer = Plain(model=model, args=targs, train_dataset=ds,
                         data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
     else:
-        from metaalign_cli.training import pick_precision
+        from metaalign_cli.training import _sft_config, pick_precision
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         from metaalign_cli.backends.hf import pick_attention
 
-        attn = pick_attention(device)
+        precision = pick_precision(cfg, device)
+        attn = pick_attention(device, torch.bfloat16 if precision == "bf16" else torch.float32)
         pack = attn == "flash_attention_2"
-        trainer = _build_trainer(model, tok, ds, cfg, "preference", Path(args.out), pick_precision(cfg, device), pack,
-                                 not pack, device, Path(args.out) / "metrics.jsonl", None, 0)
+        sft = _sft_config(cfg, "preference", Path(args.out), precision, pack, not pack, device)
+        trainer = _build_trainer(model, tok, ds, sft, "preference", Path(args.out) / "metrics.jsonl", None, 0)
         orig = trainer.compute_loss
 
         def wrapped(model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -519,12 +519,18 @@ def test_end_to_end_with_smollm2_server_and_cached_rerun(tmp_path, llama_server)
     first = _read_rows(tmp_path / "t.jsonl")
     assert all(x["outcome"] in ("win", "tie", "loss") for x in first), [x["judgments"][0]["raw_answer"] for x in first]
     assert json.loads((tmp_path / "t.json").read_text())["run"]["calls"] == 6
-    # 3. The rerun points at a port where nothing listens: it can only succeed from the cache.
-    from conftest import free_port
-
-    dead = f"http://127.0.0.1:{free_port()}/v1"
-    r = run_cli(*args, "--base-url", dead, "-o", str(tmp_path / "t2.jsonl"), "--summary", str(tmp_path / "t2.json"))
+    # 3. The rerun against the same server is answered from the cache: no call.
+    r = run_cli(*args, "--base-url", llama_server, "-o", str(tmp_path / "t2.jsonl"), "--summary", str(tmp_path / "t2.json"))
     assert r.returncode == 0, r.stderr.decode()
     run2 = json.loads((tmp_path / "t2.json").read_text())["run"]
     assert (run2["calls"], run2["cache_hits"]) == (0, 6)
+    # The same judge on another server is another judge: the cache does not answer for it (a
+    # port where nothing listens: every call fails, nothing is taken from the first server's cache).
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    r = run_cli(*args, "--base-url", dead, "--api-retries", "0", "-o", str(tmp_path / "t3.jsonl"),
+                "--summary", str(tmp_path / "t3.json"))
+    run3 = json.loads((tmp_path / "t3.json").read_text())["run"]
+    assert r.returncode == 1 and (run3["cache_hits"], run3["call_failures"]) == (0, 6), r.stderr.decode()
     assert _essence(_read_rows(tmp_path / "t2.jsonl")) == _essence(first)

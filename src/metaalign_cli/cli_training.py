@@ -45,6 +45,8 @@ def train_main(cfg, given: dict) -> None:
 
         with _TrainProgress(quiet) as prog:
             result = train_corrector(cfg, resume=bool(given.get("resume")), on_event=prog.event, log=say)
+    if not result.main_process:
+        return  # another rank of a multi-process run: rank 0 reports
     if not quiet:
         for r in result.reports:
             if r.skipped:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from metaalign_cli.correctors import (DEFAULT_NAME, PROMPTED_DEFAULT, find_corrector, read_card,
                                       shipped_corrector)
 from metaalign_cli.errors import ConfigError, MetaAlignError
+from metaalign_cli.redact import redact_url
 
 Role = Literal["corrector", "judge"]
 
@@ -109,7 +110,9 @@ def locate(model: str | None, backend: str | None, base_url: str | None,
     """
     from metaalign_cli.backends import backend_class, guess_backend
 
-    if model is None and backend not in (None, "llama-cpp"):
+    if base_url and backend in (None, *SERVER_BACKENDS):
+        card, kind, label = {}, "model", model or f"the first model {redact_url(base_url)} lists"  # a served name
+    elif model is None and backend not in (None, "llama-cpp"):
         card, kind, label = {}, "model", f"the {backend} backend's default model"  # no embedded GGUF there
     else:
         card, kind, label = _card_for(model, role)

@@ -32,7 +32,7 @@ import yaml
 
 from metaalign_cli.config import Invalid, load_config, opt
 from metaalign_cli.dataset.algorithm import STAGES
-from metaalign_cli.errors import InputError, MetaAlignError
+from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
 from metaalign_cli.gguf_types import GGUF_TYPES
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -137,6 +137,10 @@ class TrainConfig:
                                        panel="Checkpoints, logs, export")
     logging_steps: int = opt(1, "Log loss, learning rate and tokens/s every N steps.", min=1, metavar="N",
                              panel="Checkpoints, logs, export")
+    report_to: list[str] = opt(["none"], "Experiment trackers the trainer also logs to (transformers' report_to): "
+                                         "none, or comma-separated tensorboard, wandb, mlflow, trackio (each must "
+                                         "be installed).", split=True, metavar="NAMES",
+                               panel="Checkpoints, logs, export")
     plot: bool = opt(False, "Write loss.png (needs matplotlib).", flags=("--plot/--no-plot",),
                      panel="Checkpoints, logs, export")
     export_gguf: list[str] = opt([], "After training, export GGUF files of these types, comma-separated (f16, f32, "
@@ -149,6 +153,11 @@ class TrainConfig:
             raise Invalid("qlora", "needs lora_r (QLoRA trains a LoRA adapter on a 4-bit base)")
         if not self.stages:
             raise Invalid("stages", "needs at least one stage")
+        self.report_to = [n.strip().lower() for n in self.report_to if n.strip()]
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise Invalid("report_to", "'none' cannot be combined with trackers")
+        if not self.report_to:
+            self.report_to = ["none"]
 
     def stage_epochs(self, stage: str) -> float:
         v = getattr(self, f"{stage}_epochs")
@@ -364,7 +373,9 @@ def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", ql
     """Load (model, tokenizer) from a hub id, an HF directory or a ``.gguf`` file (dequantized
     by transformers via ``gguf_file=``; its GGUF quantization config is dropped so the model
     saves as a plain fp32/bf16 checkpoint). Weights in ``dtype`` (default fp32: the master
-    weights). Raises MetaAlignError when the model cannot be loaded."""
+    weights), on the CPU (the trainer places them), except ``qlora``: 4-bit NF4 on this
+    process's own GPU (``PartialState().local_process_index``). Raises MetaAlignError when the
+    model cannot be loaded."""
     check_base_path(base)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -383,6 +394,11 @@ def load_base_model(base: str, dtype=None, attn_implementation: str = "sdpa", ql
             raise MetaAlignError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
+        # Each rank's 4-bit model on its own GPU (without a device_map every rank loads onto
+        # GPU 0 and accelerate refuses the model on ranks 1+).
+        from accelerate import PartialState
+
+        kw["device_map"] = {"": PartialState().local_process_index}
     try:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=kw.get("gguf_file")) if "gguf_file" in kw \
             else AutoTokenizer.from_pretrained(src)
@@ -463,14 +479,41 @@ def lora_config(cfg: TrainConfig):
 
 def pick_precision(cfg: TrainConfig, device: str) -> str:
     """``bf16`` (autocast, fp32 master weights) or ``fp32``: auto picks bf16 only on a CUDA
-    GPU with bf16 support (CPU bf16 autocast is allowed explicitly but is often slower)."""
+    GPU with native bf16 (compute capability >= 8; ``including_emulation=False``, since torch
+    reports emulated bf16 as supported on older GPUs, where it is slow). CPU bf16 autocast is
+    allowed explicitly but is often slower."""
     import torch
 
     if cfg.precision != "auto":
         return cfg.precision
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16"
     return "fp32"
+
+
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+                   "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "neptune": "neptune", "codecarbon": "codecarbon"}
+
+
+def check_report_to(names: list[str], source: str = "--report-to") -> None:
+    """Raise ConfigError unless every tracker in ``names`` is one transformers knows
+    (``INTEGRATION_TO_CALLBACK``) and is installed (``get_available_reporting_integrations``).
+    ``["none"]`` passes without importing transformers."""
+    if names == ["none"]:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    installed = get_available_reporting_integrations()
+    for n in names:
+        if n == "all":
+            continue
+        if n not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{source}: unknown tracker '{n}' "
+                              f"(known: none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        if n not in installed:
+            raise ConfigError(f"{source}: '{n}' is not installed (pip install {REPORT_PACKAGES.get(n, n)})")
 
 
 # ---------------------------------------------------------------- training
@@ -486,10 +529,15 @@ class TrainResult:
     card: dict
     seconds: float
     gguf: dict[str, str] = field(default_factory=dict)
+    main_process: bool = True  # False on the other ranks of a multi-process run (empty card)
 
 
 def _latest_checkpoint(d: Path) -> Path | None:
-    cks = [p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    """The highest ``checkpoint-N`` in ``d`` that is complete: the Trainer writes
+    ``trainer_state.json`` after the weights, optimizer and scheduler, so a checkpoint a
+    killed run left half-written is skipped."""
+    cks = [p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+           and (p / "trainer_state.json").is_file()]
     return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
 
 
@@ -503,9 +551,18 @@ def _make_trainer_class():
         transformers' Trainer. SFTTrainer's loss path also computes per-token entropy and
         accuracy over the whole vocabulary at every step: for SmolLM2's 49k vocabulary on a
         CPU that cost 2.4x the time and 1.6x the peak memory (bench/train_throughput.py).
-        Also counts target (labelled) tokens for the tokens/s report."""
+
+        Also counts target (labelled) tokens: each logged step gets ``target_tokens`` (summed
+        over all ranks with ``accelerator.reduce``, since this train() began) and
+        ``target_tokens_per_s``, which reach metrics.jsonl and every ``report_to`` tracker."""
 
         target_tokens_seen = 0
+        _t0 = None
+
+        def train(self, *args, **kwargs):
+            self._t0 = time.perf_counter()
+            self.target_tokens_seen = 0
+            return super().train(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.get("labels")
@@ -515,49 +572,219 @@ def _make_trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
+        def log(self, logs, start_time=None):
+            # Called on every rank at the same steps (the logged loss is gathered just
+            # before), so the collective reduce below is matched on all ranks.
+            if "loss" in logs and self._t0 is not None:
+                import torch
+
+                n = torch.tensor([self.target_tokens_seen], dtype=torch.long, device=self.args.device)
+                total = int(self.accelerator.reduce(n, reduction="sum").item())
+                logs["target_tokens"] = total
+                logs["target_tokens_per_s"] = round(total / max(time.perf_counter() - self._t0, 1e-9), 2)
+            return super().log(logs, start_time)
+
     return CorrectorTrainer
 
 
 def _make_metrics_callback(stage: str, metrics_path: Path, on_event: Callable[[dict], None] | None,
-                           trainer_ref: dict, global_offset: int):
+                           global_offset: int):
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
-        """Appends one JSON line per log (stage, step, loss, lr, tokens/s) and forwards it."""
+        """On the main process: appends one JSON line per log (stage, step, loss, lr, target
+        tokens/s over all ranks) and forwards events for the progress display."""
 
         def __init__(self):
             self.t0 = None
-            self.tok0 = 0
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
-            tr = trainer_ref.get("trainer")
-            self.tok0 = tr.target_tokens_seen if tr else 0
-            if on_event:
+            if on_event and state.is_world_process_zero:
                 on_event({"event": "begin", "stage": stage, "max_steps": state.max_steps,
                           "step": state.global_step})
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
-            tr = trainer_ref.get("trainer")
             el = max(time.perf_counter() - self.t0, 1e-9)
-            toks = (tr.target_tokens_seen - self.tok0) if tr else 0
             rec = {"stage": stage, "step": state.global_step, "global_step": global_offset + state.global_step,
                    "epoch": round(state.epoch or 0.0, 4), "loss": float(logs["loss"]),
                    "lr": float(logs.get("learning_rate", 0.0)),
                    "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
-                   "target_tokens_per_s": round(toks / el, 2), "elapsed_s": round(el, 2)}
+                   "target_tokens_per_s": float(logs.get("target_tokens_per_s", 0.0)),
+                   "target_tokens": int(logs.get("target_tokens", 0)),
+                   "world_size": args.world_size, "elapsed_s": round(el, 2)}
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
             if on_event:
                 on_event({"event": "log", "max_steps": state.max_steps, **rec})
 
         def on_step_end(self, args, state, control, **kw):
-            if on_event:
+            if on_event and state.is_world_process_zero:
                 on_event({"event": "step", "stage": stage, "step": state.global_step, "max_steps": state.max_steps})
 
     return MetricsCallback()
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _broadcast(obj, state):
+    """``obj`` from the main process to every rank (accelerate's ``broadcast_object_list``);
+    ``obj`` itself without a process group."""
+    if state.num_processes <= 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def run_on_main(state, fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn()`` on the main process only, between two barriers, and return its result on
+    every rank. An exception on the main process is raised there and, as a MetaAlignError
+    naming ``what``, on every other rank, which would otherwise wait at a barrier or race
+    ahead and read files the main process has not written. ``state``: accelerate's
+    ``PartialState``."""
+    state.wait_for_everyone()
+    res, err = None, None
+    if state.is_main_process:
+        try:
+            res = fn()
+        except Exception as e:  # re-raised below, after the others were told
+            err = e
+    msg = _broadcast((res, None if err is None else f"{type(err).__name__}: {err}"), state)
+    if err is not None:
+        raise err
+    if msg[1] is not None:
+        raise MetaAlignError(f"rank 0 failed while {what} ({msg[1]})")
+    return msg[0]
+
+
+def process_info(state) -> dict:
+    """What the card and stage.json record about the processes that trained:
+    ``world_size`` (processes in the group), ``distributed_type`` (accelerate's name: NO,
+    MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED) and ``fsdp_version`` under FSDP."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    info = {"world_size": int(state.num_processes),
+            "distributed_type": str(state.distributed_type).split(".")[-1]}
+    if is_initialized():  # a trainer made its Accelerator (never create one here)
+        acc = AcceleratorState()
+        info["distributed_type"] = str(acc.distributed_type).split(".")[-1]
+        if info["distributed_type"] == "FSDP" and getattr(acc, "fsdp_plugin", None) is not None:
+            info["fsdp_version"] = int(getattr(acc.fsdp_plugin, "fsdp_version", 1))
+    return info
+
+
+def gather_full_state_dict(model, accelerator=None) -> dict | None:
+    """The complete state dict of a (possibly sharded) model, for saving on the main process.
+
+    Collective: every rank must call it. - DeepSpeed and accelerate's FSDP:
+    ``accelerator.get_state_dict`` (ZeRO-3: the consolidated 16-bit weights, which need
+    ``stage3_gather_16bit_weights_on_model_save``; FSDP2: torch's ``get_model_state_dict``
+    with ``full_state_dict=True, cpu_offload=True``). - A model sharded with torch's
+    ``fully_shard`` outside accelerate: the same torch call. Those return the full tensors on
+    rank 0 (an empty dict elsewhere). - Anything else (one process, DDP): None, meaning the
+    unwrapped module's own ``state_dict`` is complete. Raises MetaAlignError when ZeRO-3
+    cannot gather."""
+    from accelerate.utils import DistributedType
+
+    if accelerator is not None and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        try:
+            return accelerator.get_state_dict(model)
+        except ValueError as e:
+            raise MetaAlignError(f"cannot gather the trained weights: {str(e).splitlines()[0]} "
+                                 "(accelerate config: zero3_save_16bit_model: true)") from None
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        return None
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
+def save_stage_weights(model, tok, sdir: Path, state, accelerator=None, stage_info: dict | None = None) -> None:
+    """Write the weights ``model`` holds after a stage to ``sdir`` as an HF directory (full
+    model: config + safetensors; LoRA: the peft adapter), the tokenizer, then ``stage.json``
+    (``stage_info``), in that order, so a ``stage.json`` always sits beside complete weights.
+
+    Collective (the state dict is gathered from every rank, :func:`gather_full_state_dict`);
+    only the main process writes, behind barriers (:func:`run_on_main`). ``model``: the
+    trained (maybe wrapped or sharded) model; ``accelerator``: the trainer's."""
+    sd = gather_full_state_dict(model, accelerator)
+    if accelerator is not None:
+        inner = accelerator.unwrap_model(model)
+    else:
+        inner = getattr(model, "module", model)
+    if sd:
+        # A gathered state dict holds tied weights (lm_head = embeddings) as separate copies,
+        # which save_pretrained would then write twice: keep the first name of each.
+        first: dict[int, str] = {}
+        tied = set()
+        for name, p in inner.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                tied.add(name)
+            else:
+                first[id(p)] = name
+        sd = {k: v for k, v in sd.items() if k not in tied}
+
+    def write():
+        sdir.mkdir(parents=True, exist_ok=True)
+        for old in sdir.glob("*.safetensors"):
+            old.unlink()
+        if sd is None:
+            inner.save_pretrained(str(sdir))
+        else:
+            inner.save_pretrained(str(sdir), state_dict=sd)
+        tok.save_pretrained(str(sdir))
+        if not any(sdir.glob("*.safetensors")):
+            raise MetaAlignError(f"{sdir}: no weights were written after the stage")
+        if stage_info is not None:
+            (sdir / STAGE_DONE).write_text(json.dumps(stage_info, indent=1), encoding="utf-8")
+
+    run_on_main(state, write, f"saving {sdir}")
+
+
+def _resume_plan(out: Path, stage_list: list[str], resume: bool, lora: bool, state) -> dict:
+    """Which stages an earlier run finished (their stage.json) and the checkpoint each
+    unfinished stage continues from, decided on the main process and broadcast, so every rank
+    skips and resumes the same stages. Then every rank checks that it can read what it will
+    load (the last finished stage's weights, the checkpoint): a rank that cannot (another
+    node without a shared filesystem) makes every rank stop with one clear MetaAlignError
+    instead of training different stages and hanging in a collective."""
+    plan: dict = {"done": {}, "ckpt": {}}
+    if state.is_main_process and resume:
+        for stage in stage_list:
+            done_file = out / "stages" / stage / STAGE_DONE
+            if done_file.is_file():
+                plan["done"][stage] = json.loads(done_file.read_text(encoding="utf-8"))
+            else:
+                ck = _latest_checkpoint(out / "checkpoints" / stage)
+                plan["ckpt"][stage] = str(ck) if ck else None
+    plan = _broadcast(plan, state)
+    if state.num_processes > 1 and resume:
+        need = [p for p in plan["ckpt"].values() if p]
+        done = [s for s in stage_list if s in plan["done"]]
+        if done:
+            need.append(str(out / "stages" / done[-1] / ("adapter_config.json" if lora else "config.json")))
+        missing = [p for p in need if not Path(p).exists()]
+        from accelerate.utils import gather_object
+
+        import socket
+
+        seen = gather_object([(state.process_index, socket.gethostname(), missing)])
+        bad = [(r, h, m) for r, h, m in seen if m]
+        if bad:
+            r, h, m = bad[0]
+            raise MetaAlignError(f"--resume: rank {r} on {h} cannot see {m[0]}, which rank 0 wrote; "
+                                 f"a run over several nodes needs --output on a filesystem they all share")
+    return plan
 
 
 def train_corrector(cfg: TrainConfig, resume: bool = False,
@@ -568,15 +795,23 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
 
     - the final model at the top (full fine-tune, or LoRA merged when ``cfg.merge``; the
       adapter alone when not), its tokenizer, ``metaalign.json`` (template, prompt format,
-      base model) for ``correct --model DIR``, ``train_config.yaml`` (resolved config),
-      ``metrics.jsonl`` (one line per logged step), ``loss.png`` with ``cfg.plot``;
+      base model, processes that trained) for ``correct --model DIR``, ``train_config.yaml``
+      (resolved config), ``metrics.jsonl`` (one line per logged step), ``loss.png`` with
+      ``cfg.plot``;
     - ``stages/<stage>/``: the weights after each stage; ``checkpoints/<stage>/checkpoint-N``
       every ``cfg.save_steps`` steps (for ``resume``);
     - ``adapter/`` for LoRA runs.
 
+    Several processes (``torchrun`` / ``accelerate launch``; DDP, FSDP, DeepSpeed): every
+    rank trains; the weights are gathered after each stage and written by the main process
+    only; the final model, plot and GGUF export are made on the main process from the last
+    stage's saved weights after a barrier, while the other ranks return at once (their
+    result has ``main_process`` False and an empty card).
+
     ``resume``: skip finished stages (their weights are reloaded) and continue the current
-    stage from its latest checkpoint (optimizer, schedule, RNG and data position restored).
-    ``on_event``: receives dicts (event begin/step/log/stage/skip) for progress display.
+    stage from its latest complete checkpoint (optimizer, schedule, RNG and data position
+    restored). ``on_event``: receives dicts (event begin/step/log/stage/skip) for progress
+    display, on the main process only; ``log`` likewise.
 
     Raises InputError/ConfigError/MetaAlignError for bad data, config or model, and
     MetaAlignError when ``output_dir`` already holds a run and ``resume`` is false.
@@ -603,6 +838,7 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     tpl = load_template(cfg.template or (used[0] if used else "hh-rlhf"), kind="correction")
     prompt_format = cfg.prompt_format or tpl.prompt_format
     chat = prompt_format == "chat"
+    check_report_to(cfg.report_to)
 
     import torch
     from transformers import set_seed
@@ -612,9 +848,27 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = "cuda" if use_cuda else "cpu"
     precision = pick_precision(cfg, device)
-    attn = cfg.attn_implementation or pick_attention(device)
+    attn = cfg.attn_implementation or pick_attention(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     pack = cfg.packing == "pack" or (cfg.packing == "auto" and attn == "flash_attention_2")
     group = cfg.packing == "group" or (cfg.packing == "auto" and not pack)
+    stage_list = [s for s in STAGES if s in cfg.stages]
+
+    # The trainer arguments come first: making them starts torch.distributed under a launcher
+    # (accelerate's PartialState) and sets up DeepSpeed's config, so that the model load below
+    # can use fsdp_cpu_ram_efficient_loading / ZeRO-3 zero.Init. They are kept alive for the
+    # whole run (transformers holds the DeepSpeed config by weak reference).
+    stage_args = {s: _sft_config(cfg, s, out, precision, pack, group, device) for s in stage_list}
+    from accelerate import PartialState
+
+    if stage_args:
+        next(iter(stage_args.values())).device  # noqa: B018  (TrainingArguments sets up the process group)
+    state = PartialState(cpu=device == "cpu")
+    main = state.is_main_process
+    if not main:
+        say, on_event = (lambda m: None), None
+    procs = process_info(state)
+    if procs["world_size"] > 1:
+        say(f"training on {procs['world_size']} processes ({procs['distributed_type']})")
 
     set_seed(cfg.seed)
     model, tok = load_base_model(base, attn_implementation=attn, qlora=cfg.qlora)
@@ -628,29 +882,33 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         model = get_peft_model(model, lora_config(cfg))
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / CONFIG_FILE)
+    plan = _resume_plan(out, stage_list, resume, lora, state)
     metrics_path = out / METRICS_FILE
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
+
+    def prepare_output():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / CONFIG_FILE)
+        if not resume:
+            metrics_path.unlink(missing_ok=True)
+
+    run_on_main(state, prepare_output, f"writing {out / CONFIG_FILE}")
 
     reports: list[StageReport] = []
     global_offset = 0
     pending_load: Path | None = None
-    stage_list = [s for s in STAGES if s in cfg.stages]
+    last_weights: Path | None = None
     for stage in stage_list:
         rep = StageReport(stage)
         reports.append(rep)
         sdir = out / "stages" / stage
-        done_file = sdir / STAGE_DONE
-        if resume and done_file.is_file():
-            info = json.loads(done_file.read_text(encoding="utf-8"))
+        if stage in plan["done"]:
+            info = plan["done"][stage]
             for k in ("rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss", "seconds"):
                 if k in info:
                     setattr(rep, k, info[k])
             rep.skipped = "done in an earlier run"
             global_offset += rep.steps
-            pending_load = sdir
+            pending_load = last_weights = sdir
             if on_event:
                 on_event({"event": "skip", "stage": stage, "reason": rep.skipped})
             continue
@@ -668,50 +926,68 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
             say(f"{stage}: skipped ({rep.skipped})")
             continue
         t0 = time.perf_counter()
-        trainer = _build_trainer(model, tok, ds, cfg, stage, out, precision, pack, group, device,
-                                 metrics_path, on_event, global_offset)
-        ckpt = _latest_checkpoint(out / "checkpoints" / stage) if resume else None
+        trainer = _build_trainer(model, tok, ds, stage_args[stage], stage, metrics_path, on_event, global_offset)
+        ckpt = plan["ckpt"].get(stage) if resume else None
         if ckpt is not None:
             say(f"{stage}: resuming from {ckpt}")
-        res = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        res = trainer.train(resume_from_checkpoint=ckpt)
         model = trainer.model
         rep.steps = trainer.state.global_step
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         rep.final_loss = losses[-1] if losses else None
         rep.seconds = round(time.perf_counter() - t0, 2)
         global_offset += rep.steps
-        sdir.mkdir(parents=True, exist_ok=True)
-        trainer.save_model(str(sdir))
-        done_file.write_text(json.dumps({k: getattr(rep, k) for k in (
-            "stage", "rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss",
-            "seconds")}, indent=1), encoding="utf-8")
+        info = {k: getattr(rep, k) for k in ("stage", "rows", "kept", "dropped_too_long", "truncated",
+                                             "target_tokens", "steps", "final_loss", "seconds")}
+        info.update(process_info(state))
+        save_stage_weights(trainer.model_wrapped, tok, sdir, state, trainer.accelerator, info)
+        last_weights = sdir
         if on_event:
             on_event({"event": "stage", "stage": stage, "steps": rep.steps, "loss": rep.final_loss,
                       "train_loss": res.training_loss})
         del trainer
-    if pending_load is not None:
-        model = _load_stage_weights(model, pending_load, lora)
 
-    card = save_final_model(model, tok, cfg, out, tpl.name, prompt_format, base, lora)
+    if last_weights is None:
+        raise MetaAlignError(f"{out}: no stage was trained (every stage skipped), nothing to save")
+    training = {**process_info(state), "device": device, "precision": precision, "attn_implementation": attn}
+    # Everything after training happens on the main process, once every rank has finished
+    # (the barrier); the other ranks are done and return without waiting for the export.
+    state.wait_for_everyone()
+    if not main:
+        return TrainResult(out, reports, {}, round(time.perf_counter() - t_start, 2), main_process=False)
+    card, gguf = finalize_run(tok, cfg, out, tpl.name, prompt_format, base, lora, last_weights, training, say)
+    return TrainResult(out, reports, card, round(time.perf_counter() - t_start, 2), gguf)
+
+
+def finalize_run(tok, cfg: TrainConfig, out: Path, template: str, prompt_format: str, base: str, lora: bool,
+                 weights_dir: Path, training: dict | None = None,
+                 log: Callable[[str], None] | None = None) -> tuple[dict, dict[str, str]]:
+    """The work after training, in one process (the main one, once every rank has finished):
+    the final model and card from ``weights_dir`` (:func:`save_final_model`), ``loss.png``
+    with ``cfg.plot``, the GGUF files of ``cfg.export_gguf``. Returns (card, {type: gguf
+    path}). Raises MetaAlignError."""
+    card = save_final_model(tok, cfg, out, template, prompt_format, base, lora, weights_dir, training)
+    metrics_path = out / METRICS_FILE
     if cfg.plot and metrics_path.is_file():
         plot_losses(metrics_path, out / "loss.png")
-    result = TrainResult(out, reports, card, round(time.perf_counter() - t_start, 2))
+    gguf: dict[str, str] = {}
     if cfg.export_gguf:
         from metaalign_cli.export import export_gguf
 
-        result.gguf = export_gguf(out, cfg.export_gguf, log=say)
-        result.card = json.loads((out / "metaalign.json").read_text(encoding="utf-8"))
-    return result
+        gguf = export_gguf(out, cfg.export_gguf, log=log)
+        card = json.loads((out / "metaalign.json").read_text(encoding="utf-8"))
+    return card, gguf
 
 
-def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, precision: str, pack: bool,
-                   group: bool, device: str, metrics_path: Path, on_event, global_offset: int):
+def _sft_config(cfg: TrainConfig, stage: str, out: Path, precision: str, pack: bool, group: bool, device: str):
+    """TRL's SFTConfig for one stage (checkpoints in ``out/checkpoints/<stage>``; trackers
+    name the run ``<out name>-<stage>``)."""
     from trl import SFTConfig
 
-    epochs = cfg.stage_epochs(stage)
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out / "checkpoints" / stage),
-        num_train_epochs=epochs,
+        run_name=f"{out.resolve().name}-{stage}",
+        num_train_epochs=cfg.stage_epochs(stage),
         max_steps=cfg.max_steps or -1,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -734,7 +1010,7 @@ def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, prec
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        report_to="none",
+        report_to=cfg.report_to,
         disable_tqdm=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -742,8 +1018,10 @@ def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, prec
         remove_unused_columns=True,
         completion_only_loss=None,  # labels are built by tokenize_example (prompt masked, EOS kept)
     )
-    trainer_ref: dict = {}
-    cb = _make_metrics_callback(stage, metrics_path, on_event, trainer_ref, global_offset)
+
+
+def _build_trainer(model, tok, ds, args, stage: str, metrics_path: Path, on_event, global_offset: int):
+    cb = _make_metrics_callback(stage, metrics_path, on_event, global_offset)
     Trainer = _make_trainer_class()
     trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -751,7 +1029,6 @@ def _build_trainer(model, tok, ds, cfg: TrainConfig, stage: str, out: Path, prec
     # Our callback reports progress; transformers' printer would put log dicts on stdout.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer_ref["trainer"] = trainer
     return trainer
 
 
@@ -779,27 +1056,50 @@ def _load_stage_weights(model, stage_dir: Path, lora: bool):
     return model
 
 
-def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, prompt_format: str,
-                     base: str, lora: bool) -> dict:
-    """Save the trained corrector at the top of ``out`` and write ``metaalign.json``.
+def save_final_model(tok, cfg: TrainConfig, out: Path, template: str, prompt_format: str,
+                     base: str, lora: bool, weights_dir: Path, training: dict | None = None) -> dict:
+    """Save the trained corrector at the top of ``out`` from the last stage's saved weights
+    (``weights_dir``, written by :func:`save_stage_weights`) and write ``metaalign.json``.
+    Runs in one process (the main one) on the CPU, whatever sharding trained the weights.
 
-    LoRA runs: the adapter goes to ``out/adapter``; with ``cfg.merge`` the merged full model
-    goes to the top of ``out``, else the adapter does. Returns the card written."""
-    for old in ("model.safetensors", "adapter_model.safetensors", "adapter_config.json"):
-        if (out / old).exists():
-            (out / old).unlink()
+    Full fine-tuning: the stage's weight files are copied (the saved model is exactly what
+    the ranks trained). LoRA: the adapter is copied to ``out/adapter``; with ``cfg.merge``
+    it is merged into the base reloaded unquantized (fp32; bf16 for QLoRA, whose 4-bit base
+    would be re-quantized, lossily, by a merge) and the merged model goes to the top of
+    ``out``, else the adapter does, beside the base's config.json. ``training``: the
+    processes, device and precision that trained, recorded in the card. Returns the card."""
+    import shutil
+
+    for old in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json", out / "adapter_config.json"]:
+        if old.exists():
+            old.unlink()
+    merged_dtype = None
     if lora:
-        model.save_pretrained(str(out / "adapter"))
-        tok.save_pretrained(str(out / "adapter"))
+        adapter = out / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(weights_dir / f, adapter / f)
+        tok.save_pretrained(str(adapter))
+        import torch
+        from peft import PeftModel
+
+        dtype = torch.bfloat16 if cfg.qlora else torch.float32
+        base_model, _ = load_base_model(base, dtype=dtype)
         if cfg.merge:
-            merged = model.merge_and_unload()
+            merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
             merged.save_pretrained(str(out))
+            merged_dtype = str(dtype).replace("torch.", "")
         else:
-            model.save_pretrained(str(out))
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(adapter / f, out / f)
             # The base architecture, for GGUF LoRA export (peft loads the adapter first).
-            model.get_base_model().config.save_pretrained(str(out))
+            base_model.config.save_pretrained(str(out))
+        del base_model
     else:
-        model.save_pretrained(str(out))
+        for f in weights_dir.iterdir():
+            if f.suffix == ".safetensors" or f.name in ("config.json", "generation_config.json",
+                                                        "model.safetensors.index.json"):
+                shutil.copy2(f, out / f.name)
     tok.save_pretrained(str(out))
     # "gguf" and "lora" (GGUF paths read by `correct`) are added by export.
     card = {"template": template, "prompt_format": prompt_format, "base_model": base,
@@ -808,6 +1108,10 @@ def save_final_model(model, tok, cfg: TrainConfig, out: Path, template: str, pro
     if lora:
         card["adapter"] = "adapter"
         card["lora_r"] = cfg.lora_r
+        if merged_dtype:
+            card["merged_dtype"] = merged_dtype
+    if training:
+        card["training"] = training
     from metaalign_cli.correctors import MODEL_CARD
 
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

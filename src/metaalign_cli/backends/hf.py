@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from typing import Literal
@@ -38,32 +37,93 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_dtype(device: str, dtype: str = "auto"):
-    """``auto``: bf16 on a GPU that supports it, fp32 elsewhere (CPU)."""
+    """``auto``: bf16 on a CUDA GPU with native bf16 (compute capability >= 8, Ampere or
+    newer), fp32 elsewhere (CPU, MPS, pre-Ampere GPUs, where torch only emulates bf16 and
+    ``torch.cuda.is_bf16_supported()`` alone says yes). Other values: bf16/bfloat16,
+    fp16/float16, fp32/float32. Returns a ``torch.dtype``."""
     import torch
 
     if dtype != "auto":
         return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 
 
-def pick_attention(device: str) -> str:
-    """flash_attention_2 when flash-attn is installed and a CUDA GPU is present, else sdpa."""
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def pick_attention(device: str, dtype=None) -> str:
+    """``flash_attention_2`` only where it can run: a CUDA device of compute capability >= 8
+    (flash-attn 2 has no kernels for older GPUs), a half-precision compute ``dtype``
+    (``torch.bfloat16``/``torch.float16``; flash-attn rejects fp32; None counts as fp32),
+    transformers' own availability check (``is_flash_attn_2_available``: package and version)
+    and an importable build (a flash-attn wheel built for another torch passes the metadata
+    check and fails at import with an undefined symbol). Else ``sdpa``."""
+    if not str(device).startswith("cuda"):
+        return "sdpa"
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return "sdpa"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401  (imports the compiled flash_attn_2_cuda extension)
+    except Exception:  # ImportError, or OSError for an undefined symbol in the .so
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def pick_device_map(device: str, src: str, load_kw: dict, dtype) -> dict | str | None:
+    """Where ``from_pretrained`` puts the weights, so they load straight onto the device (no
+    full host copy moved afterwards): None on the CPU; ``{"": device}`` on one device; on
+    CUDA, ``"auto"`` (accelerate spreads the layers over the visible GPUs, then CPU RAM)
+    when the model's size in ``dtype`` (measured on an empty meta-device copy) exceeds 85% of
+    GPU 0's free memory. ``load_kw``: the loader's extra keywords (``gguf_file``)."""
+    if device == "cpu":
+        return None
+    if not str(device).startswith("cuda"):
+        return {"": device}
+    import torch
+
+    if ":" in str(device):
+        return {"": device}
+    try:
+        from accelerate import init_empty_weights
+        from accelerate.utils import compute_module_sizes
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(src, **load_kw)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(cfg)
+        size = compute_module_sizes(empty, dtype=dtype)[""]
+        free, _total = torch.cuda.mem_get_info(0)
+    except Exception:  # an adapter directory, an unknown architecture: one GPU as before
+        return {"": "cuda:0"}
+    return "auto" if size > 0.85 * free else {"": "cuda:0"}
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, oom)
 
 
 class TransformersBackend(Backend):
     """A causal LM through transformers: HF directory, hub id, or a ``.gguf`` file (loaded with
     ``gguf_file=``, dequantized). A directory holding a peft LoRA adapter is loaded on its base.
 
-    Options: ``device`` (auto|cuda|mps|cpu), ``dtype`` (auto|bf16|fp16|fp32), ``batch_size``
-    (prompts per ``generate`` call; left padding; prompts sorted by length and results restored
-    to input order), ``attn_implementation`` (default: :func:`pick_attention`).
-    Raises MetaAlignError when the model cannot be loaded.
+    Options: ``device`` (auto|cuda|mps|cpu), ``dtype`` (auto|bf16|fp16|fp32, see
+    :func:`pick_dtype`), ``batch_size`` (prompts per ``generate`` call; left padding; prompts
+    sorted by length and results restored to input order; halved and retried when CUDA runs
+    out of memory, down to one prompt), ``attn_implementation`` (default:
+    :func:`pick_attention` for the device and dtype). The weights load straight onto the
+    device (``device_map``, see :func:`pick_device_map`: spread over several GPUs when the
+    model does not fit on one). Raises MetaAlignError when the model cannot be loaded.
     """
 
     name = "transformers"
@@ -81,7 +141,7 @@ class TransformersBackend(Backend):
             raise MetaAlignError("the transformers backend needs torch and transformers: pip install 'metaalign-cli[torch]'") from None
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
-        self.attn = attn_implementation or pick_attention(self.device)
+        self.attn = attn_implementation or pick_attention(self.device, self.dtype)
         self.batch_size = max(1, int(batch_size))
         self.model_id = str(model)
         kw: dict = {}
@@ -93,16 +153,27 @@ class TransformersBackend(Backend):
             src, kw["gguf_file"] = str(p.parent), p.name
         try:
             adapter = p.is_dir() and (p / "adapter_config.json").is_file()
+            self.device_map = pick_device_map(self.device, src, kw, self.dtype)
             if adapter:
                 from peft import AutoPeftModelForCausalLM
 
-                self.model = AutoPeftModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn)
+                self.model = AutoPeftModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn,
+                                                                      device_map=self.device_map)
             else:
-                self.model = AutoModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn, **kw)
+                self.model = AutoModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn,
+                                                                  device_map=self.device_map, **kw)
             self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         except (OSError, ValueError, ImportError) as e:
             raise MetaAlignError(f"{model}: cannot load model: {str(e).splitlines()[0]}") from None
-        self.model.to(self.device).eval()
+        self.model.eval()
+        # Inputs go where the first layer is (a device_map "auto" model starts on cuda:0).
+        self.input_device = self.model.device
+        placed = sorted({str(d) for d in (getattr(self.model, "hf_device_map", None) or {}).values()})
+        if self.device_map == "auto":
+            self.device = "auto:" + ",".join(f"cuda:{d}" if isinstance(d, int) or str(d).isdigit() else str(d)
+                                             for d in placed)
+        elif self.device_map is not None:
+            self.device = str(self.input_device)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -148,32 +219,23 @@ class TransformersBackend(Backend):
             e2 = gen_cfg.eos_token_id
             eos_ids |= set(e2 if isinstance(e2, list) else [e2])
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start:start + self.batch_size]
-            width = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (_, ids) in enumerate(chunk):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            kw = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
-                      eos_token_id=sorted(i for i in eos_ids if i is not None),
-                      repetition_penalty=settings.repeat_penalty)
-            if settings.greedy:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                          top_k=settings.top_k or None)
-                torch.manual_seed(settings.seed)
-            if settings.stop:
-                kw.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
-            if settings.loop_guard:
-                kw["stopping_criteria"] = _loop_criteria(width)
+        pending = list(encoded)
+        while pending:
+            chunk, pending = pending[:self.batch_size], pending[self.batch_size:]
             try:
-                with torch.inference_mode():
-                    out = self.model.generate(input_ids=input_ids.to(self.device),
-                                              attention_mask=mask.to(self.device), **kw)
+                out, width = self._generate_chunk(chunk, pad, eos_ids, settings)
             except Exception as e:
+                if _is_oom(e) and len(chunk) > 1:
+                    # CUDA out of memory: free the cache, halve the batch (kept for the rest
+                    # of the run) and put this chunk back in front.
+                    import sys
+
+                    torch.cuda.empty_cache()
+                    self.batch_size = max(1, len(chunk) // 2)
+                    print(f"warning: CUDA out of memory at batch size {len(chunk)}; retrying at "
+                          f"{self.batch_size}", file=sys.stderr)
+                    pending = chunk + pending
+                    continue
                 for i, _ in chunk:
                     results[i] = e
                 continue
@@ -192,6 +254,35 @@ class TransformersBackend(Backend):
                             text, finish = text[:text.index(s)], "stop"
                 results[i] = Generation(text, len(ids), len(new), finish)
         return results
+
+    def _generate_chunk(self, chunk: list[tuple[int, list[int]]], pad: int, eos_ids: set, settings: GenerationSettings):
+        """One left-padded ``generate`` call for ``chunk`` ((index, ids) pairs). Returns
+        (output ids (rows x (width + new tokens)), width = the padded prompt length)."""
+        import torch
+
+        width = max(len(ids) for _, ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+        kw = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+                  eos_token_id=sorted(i for i in eos_ids if i is not None),
+                  repetition_penalty=settings.repeat_penalty)
+        if settings.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                      top_k=settings.top_k or None)
+            torch.manual_seed(settings.seed)
+        if settings.stop:
+            kw.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        if settings.loop_guard:
+            kw["stopping_criteria"] = _loop_criteria(width)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.input_device),
+                                      attention_mask=mask.to(self.input_device), **kw)
+        return out, width
 
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id, "device": self.device,
