@@ -96,7 +96,7 @@ def load_card_json(path: Path) -> dict:
     """The JSON object in ``path``; MetaAlignError (naming the file) when it is not one."""
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MetaAlignError(f"{path}: invalid JSON: {e}") from None
     except OSError as e:
         raise MetaAlignError(f"{path}: cannot read: {e.strerror or e}") from None
