@@ -109,7 +109,11 @@ def locate(model: str | None, backend: str | None, base_url: str | None,
     """
     from metaalign_cli.backends import backend_class, guess_backend
 
-    if model is None and backend not in (None, "llama-cpp"):
+    if model is None and base_url:
+        from metaalign_cli.redact import redact_url
+
+        card, kind, label = {}, "model", f"the first model {redact_url(base_url)} lists"  # not the embedded GGUF
+    elif model is None and backend not in (None, "llama-cpp"):
         card, kind, label = {}, "model", f"the {backend} backend's default model"  # no embedded GGUF there
     else:
         card, kind, label = _card_for(model, role)
