@@ -638,3 +638,40 @@ def test_smoke_run_trains_on_both_steps_and_logs_no_gguf_bar(tmp_path, tiny_llam
     rows = rows_of((out / "metrics.jsonl").read_bytes())
     assert [(r["stage"], r["step"]) for r in rows] == [("warmup", 1), ("warmup", 2), ("equal", 1), ("equal", 2)]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3] * 4)  # the first step of each stage ran at 0
+
+
+# ------------------------------------------------------------------ 15. README corrections
+
+def test_readme_says_what_the_commands_do():
+    """Item 15: the install time, the train example's objectives (ones its multi-aspect data
+    rates: it has no 'harmless'), `objectives` printing JSON when piped, and system turns
+    rendered `System: ...`, each checked against what the code does."""
+    from conftest import DATA
+
+    from metaalign_cli.objectives import load_objectives
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "~9 min" in readme and "~6 min" not in readme
+    m = re.search(r"metaalign correct --model runs/demo -O (\S+)", readme)
+    data = DATA / "multi-aspect" / "just-eval-ultrafeedback-160.jsonl"
+    objset = load_objectives()
+    if data.is_file():
+        aspects = {k for line in data.read_text(encoding="utf-8").splitlines()[:20]
+                   for c in json.loads(line)["completions"] for k in c["annotations"]}
+        rated = {o.name for o in objset.resolve(sorted(aspects))}
+    else:
+        rated = {"instruction_following", "honest", "truthful", "helpful"}
+    assert m and {o.name for o in objset.resolve(m.group(1).split(","))} <= rated, (m and m.group(1), rated)
+
+    assert "piped (or with `--json`) it is one JSON object per line" in readme
+    r = run_cli("objectives", "-O", "helpful")  # stdout is not a terminal here
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "helpful"
+
+    assert "a system turn as `System: ...`" in readme
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello."}]}
+    from fakes import ScriptedBackend
+
+    r = run_cli("correct", "-O", "helpful", "-b", "scripted", "-t", "hh-rlhf", "-q", input=json.dumps(rec) + "\n")
+    assert r.returncode == 0
+    assert "\n\nSystem: Be brief.\n\nHuman: Hi?\n\nAssistant:" in ScriptedBackend.calls[-1][0]
