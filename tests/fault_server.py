@@ -3,8 +3,10 @@
 It answers ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``. What it says is
 up to the test: ``answer(prompt) -> str`` gives the judge's answer, and ``fault(prompt, n)``
 (n = how many times this exact prompt was asked before) may return ``"429"`` (Too Many
-Requests with ``Retry-After``), ``"500"``, ``"slow"`` (sleeps ``slow_s`` before answering, so
-a client with a shorter timeout gives up) or None for a normal answer. Every request is
+Requests with ``Retry-After``), ``"500"`` or any other HTTP status code as a string (``"401"``),
+``"slow"`` (sleeps ``slow_s`` before answering, so a client with a shorter timeout gives up)
+or None for a normal answer. ``answer`` may return None: the server then sends ``"text": null``
+(completions) or ``"content": null`` (chat). ``port`` fixes the port (default: any free one). Every request is
 logged (prompt, time, what was sent back) so tests can count calls and check the retry
 timing.
 """
@@ -44,14 +46,15 @@ class FaultServer:
     """Start with ``with FaultServer(answer, fault) as srv:``; ``srv.url`` is the base URL
     (``http://127.0.0.1:PORT/v1``); ``srv.log`` lists (prompt, time, status) per request."""
 
-    def __init__(self, answer: Callable[[str], str], fault: Callable[[str, int], str | None] | None = None,
-                 slow_s: float = 3.0, delay_s: float = 0.0, retry_after: str = "1"):
+    def __init__(self, answer: Callable[[str], str | None], fault: Callable[[str, int], str | None] | None = None,
+                 slow_s: float = 3.0, delay_s: float = 0.0, retry_after: str = "1", port: int = 0):
         self.answer = answer
         self.fault = fault or (lambda p, n: None)
         self.slow_s = slow_s
         self.delay_s = delay_s
         self.retry_after = retry_after
         self.log: list[tuple[str, float, str]] = []
+        self.paths: list[str] = []  # the path of every POST, e.g. /v1/chat/completions
         self.seen: dict[str, int] = {}
         self.lock = threading.Lock()
         srv = self
@@ -87,6 +90,7 @@ class FaultServer:
                 chat = self.path.endswith("/chat/completions")
                 prompt = req["messages"][-1]["content"] if chat else req.get("prompt", "")
                 with srv.lock:
+                    srv.paths.append(self.path)
                     k = srv.seen.get(prompt, 0)
                     srv.seen[prompt] = k + 1
                 f = srv.fault(prompt, k)
@@ -97,6 +101,8 @@ class FaultServer:
                                       {"Retry-After": srv.retry_after})
                 if f == "500":
                     return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
+                if f and f.isdigit():
+                    return self._send(int(f), {"error": {"message": f"status {f}", "type": "test_fault"}})
                 if f == "slow":
                     time.sleep(srv.slow_s)
                 elif srv.delay_s:
@@ -113,7 +119,7 @@ class FaultServer:
                             "usage": usage}
                 self._send(200, body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

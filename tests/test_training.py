@@ -299,7 +299,7 @@ def test_three_stages_train_correct_and_export(tmp_path, built_data, tiny_dir):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5
     card = json.loads((out / "metaalign.json").read_text())
     assert card["template"] == "hh-rlhf" and card["prompt_format"] == "raw"
-    assert card["gguf"].endswith("-f32.gguf") and Path(card["gguf"]).is_file()
+    assert card["gguf"] == f"gguf/{out.name}-f32.gguf" and (out / card["gguf"]).is_file()  # relative to the card
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "train_config.yaml").is_file() and (out / "stages" / "preference" / "stage.json").is_file()
     assert Path((out / "gguf" / f"{out.name}-q8_0.gguf")).is_file()
@@ -322,7 +322,7 @@ def test_three_stages_train_correct_and_export(tmp_path, built_data, tiny_dir):
     # Same first-token logits from transformers and llama.cpp (f32 GGUF) on the same tokens.
     prompt = _rows("preference")[1]["prompt"]
     ids, hf = _first_token_logits_hf(out, prompt)
-    cpp = _first_token_logits_llama(card["gguf"], ids)
+    cpp = _first_token_logits_llama(str(out / card["gguf"]), ids)
     assert cpp.shape == hf.shape
     assert np.abs(cpp - hf).max() < 1e-3 * max(1.0, np.abs(hf).max())
     assert int(cpp.argmax()) == int(hf.argmax())
@@ -343,7 +343,7 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     assert p.returncode == 0, p.stderr.decode()[-3000:]
     card = json.loads((a / "metaalign.json").read_text())
     assert card["merged"] is True and (a / "adapter" / "adapter_config.json").is_file()
-    assert Path(card["gguf_lora"]).is_file()
+    assert (a / card["gguf_lora"]).is_file()
 
     # Interrupted copy: the equal stage stopped after its checkpoint at step 2.
     b = tmp_path / "b"
@@ -374,7 +374,7 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     write_llama_gguf(tiny_dir, base_gguf, "f32")
     prompt = _rows("equal")[0]["prompt"]
     ids, hf = _first_token_logits_hf(a, prompt)
-    cpp = _first_token_logits_llama(str(base_gguf), ids, lora=card["gguf_lora"])
+    cpp = _first_token_logits_llama(str(base_gguf), ids, lora=str(a / card["gguf_lora"]))
     assert np.abs(cpp - hf).max() < 1e-3 * max(1.0, np.abs(hf).max())
     _, hf_base = _first_token_logits_hf(tiny_dir, prompt)
     assert np.abs(hf - hf_base).max() > 1e-2  # the adapter does change the logits

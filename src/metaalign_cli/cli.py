@@ -103,9 +103,10 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
                     el = max(prog.tasks[0].elapsed or 1e-9, 1e-9)
                     prog.update(task, completed=n, tokens=toks / el, rps=n / el)
 
-            report = run_correct(cfg, on_progress=on_progress, warn=warn, on_model=on_model)
-    except RecordFailed as e:
-        raise fail(str(e.cause), EXIT_USAGE if e.is_input else EXIT_FAILED)
+            try:
+                report = run_correct(cfg, on_progress=on_progress, warn=warn, on_model=on_model)
+            except RecordFailed as e:  # (a MetaAlignError: caught here, before cli_errors makes it exit 2)
+                raise fail(str(e.cause), EXIT_USAGE if e.is_input else EXIT_FAILED) from None
     except BrokenPipeError:
         silence_stdout()  # the reader went away (`| head -1`): stop quietly, as Unix filters do
         raise typer.Exit(EXIT_OK)

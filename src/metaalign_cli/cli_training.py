@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
                       "Train a corrector: warm-up, equal-preference, preference (section 3.3)", extras=(
         cli_spec.flag("resume", "--resume", help="Continue the run in --output from its last checkpoint."),
         cli_spec.flag("quiet", "--quiet", "-q", help="No progress bar or summary.")))
-    app.command("export", short_help="Convert a trained corrector to GGUF (and install it)")(export_cmd)
+    app.command("export", cls=cli_spec.SectionedCommand,
+                short_help="Convert a trained corrector to GGUF (and install it)")(export_cmd)
 
 
 def train_main(cfg, given: dict) -> None:
@@ -63,28 +64,46 @@ def train_main(cfg, given: dict) -> None:
 
 
 def export_cmd(
-    model_dir: Path = typer.Argument(..., help="A `metaalign train` output directory (or any Llama-family HF directory)."),
-    types: str = typer.Option("f16", "--type", help="GGUF types, comma-separated: f16, f32, q8_0, q4_k_m, ..."),
-    lora: bool = typer.Option(True, "--lora/--no-lora", help="Also convert DIR/adapter (LoRA runs) to a GGUF LoRA adapter."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the .gguf files. [default: DIR/gguf]"),
+    model_dir: Path = typer.Argument(..., metavar="RUN", show_default=False,
+                                     help="A `metaalign train` output directory (or any Llama-family HF directory)."),
+    types: Optional[str] = typer.Option(None, "--type", metavar="TYPES", show_default=False,
+                                        help="GGUF types, comma-separated: f16, f32, q8_0, q4_k_m and the other "
+                                             "llama.cpp types. [default: f16; with --install, none when RUN has "
+                                             "been exported]"),
+    lora: bool = typer.Option(True, "--lora/--no-lora", show_default=False,
+                              help="Also convert RUN/adapter (LoRA runs) to a GGUF LoRA adapter. [default: on]"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="DIR", show_default=False,
+                                          help="Directory for the .gguf files. [default: RUN/gguf]"),
     install: Optional[str] = typer.Option(None, "--install", metavar="NAME",
-                                          help="Then install the corrector as NAME in $METAALIGN_HOME/models "
-                                               "('default' makes it `correct`'s default model)."),
+                                          help="Install the corrector as NAME in $METAALIGN_HOME/models "
+                                               "('default' makes it `correct`'s default model), from RUN's "
+                                               "export as it is: RUN is not changed."),
 ):
     """Convert a trained corrector to GGUF for `correct --backend llama-cpp` (the gguf package
-    writes f16/f32; llama-cpp-python's quantize API makes q8_0, q4_k_m...). Updates DIR's
-    metaalign.json so `correct --model DIR` then uses the GGUF. With --install NAME, the GGUF
-    LoRA adapter (or the GGUF) and its card are copied to $METAALIGN_HOME/models/NAME, so
-    `correct --model NAME` (and, for NAME 'default', plain `correct`) uses it."""
+    writes f16 and f32; llama-cpp-python's quantize API makes q8_0, q4_k_m and the others).
+    Updates RUN's metaalign.json so `correct --model RUN` then uses the GGUF (paths relative
+    to the card, so the run can be moved or copied).
+
+    With --install NAME, the GGUF LoRA adapter (or the GGUF) and its card are copied to
+    $METAALIGN_HOME/models/NAME, so `correct --model NAME` (and, for NAME 'default', plain
+    `correct`) uses it. A run exported before is installed as it is (RUN and its
+    metaalign.json stay unchanged); one never exported is exported first (--type, default
+    f16)."""
     with cli_errors():
         from metaalign_cli.export import export_gguf
         from metaalign_cli.correctors import check_name, install_corrector
 
+        from metaalign_cli.correctors import read_card
+
         if install is not None:
             check_name(install)  # before the (slow) export
-
-        out = export_gguf(model_dir, [t.strip() for t in types.split(",") if t.strip()], out_dir=output, lora=lora,
-                          log=lambda m: console.print(m, markup=False))
+        # Installing takes the run's export as it is: a new f16 GGUF written into RUN, and RUN's
+        # card repointed to it, would switch `correct --model RUN` from the q8_0 it had (issue 14).
+        exported = install is not None and types is None and output is None and bool(read_card(model_dir).get("gguf"))
+        out: dict[str, str] = {}
+        if not exported:
+            out = export_gguf(model_dir, [t.strip() for t in (types or "f16").split(",") if t.strip()],
+                              out_dir=output, lora=lora, log=lambda m: console.print(m, markup=False))
         if install:
             out["installed"] = str(install_corrector(model_dir, install))
     for q, p in out.items():

@@ -301,6 +301,13 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
     concurrency: int = opt(4, "Requests in flight (openai, anthropic).", min=1, metavar="N",
                            backends={"openai": "concurrency", "anthropic": "concurrency"}, forward=True,
                            panel="Generation")
+    # `correct` retries nothing but API requests, so `--retries` names them (issue 11's name);
+    # `judge --retries` is its re-asks after an unparsable answer, hence `--api-retries` there.
+    api_retries: int | None = opt(None, "Retries of a failed API request (429, 5xx, timeouts), with exponential "
+                                        "backoff honouring Retry-After: a stalled server costs about --timeout x "
+                                        "(N + 1) per record.", flags=("--retries", "--api-retries"),
+                                  min=0, metavar="N", backends={"openai": "retries", "anthropic": "retries"},
+                                  panel="Backend options")
 
     def validate(self) -> None:
         """Cross-field checks (ranges and choices are checked from the metadata). Raises Invalid."""
@@ -417,7 +424,7 @@ class BuildConfig(ObjectiveFiles):
     """Every knob of ``metaalign build-data`` (paper Algorithm 1)."""
 
     inputs: list[str] = opt([], "Input files (.jsonl, .jsonl.gz, .json, .csv); several allowed.", argument=True,
-                            metavar="INPUT...")
+                            metavar="INPUT")
     output: str | None = opt(None, "Output directory (split/stage JSONL files and stats.json).",
                              flags=("--output", "-o"), metavar="DIR", panel="Output")
     format: list[str] = opt([], "Input format: ultrafeedback, scored, pairwise or hh-rlhf (guessed from the fields "

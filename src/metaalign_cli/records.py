@@ -39,6 +39,51 @@ def json_type(value: Any) -> str:
 
 
 
+#: Deepest nesting of arrays and objects a JSON record may have (serde_json's default recursion
+#: limit). Python's json and the code that walks a record recurse once per level; a hostile line
+#: nested thousands deep would raise RecursionError and stop the whole run (issue 14).
+MAX_DEPTH = 128
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def text_too_deep(text: str) -> bool:
+    """Whether arrays and objects in the JSON ``text`` nest deeper than :data:`MAX_DEPTH`,
+    found without parsing it and without recursion (brackets inside strings do not count).
+    Linear in the length; a line with at most MAX_DEPTH opening brackets in all is answered
+    at once."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
+def too_deep(value: Any) -> bool:
+    """Whether a parsed JSON value nests deeper than :data:`MAX_DEPTH` (walked with a stack,
+    not recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d + 1 > MAX_DEPTH:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def depth_error(source: str, line: int | None) -> InputError:
+    """The error of a record nested deeper than :data:`MAX_DEPTH`."""
+    return InputError(f"JSON nested deeper than {MAX_DEPTH} levels of arrays and objects", source=source, line=line)
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -80,7 +125,8 @@ class SourceRecord:
 
 
 def _scrub(value: Any, path: str, found: list[str]) -> Any:
-    """Replace lone UTF-16 surrogates (valid JSON, invalid Unicode) with U+FFFD."""
+    """Replace lone UTF-16 surrogates (valid JSON, invalid Unicode) with U+FFFD. Recurses once
+    per level: :func:`read_jsonl` refuses records nested deeper than :data:`MAX_DEPTH` first."""
     if isinstance(value, str):
         if _SURROGATE.search(value):
             found.append(path)
@@ -167,7 +213,7 @@ def _utf8_error(raw: bytes, e: UnicodeDecodeError, src: str, lineno: int) -> Inp
     byte when the line is otherwise valid JSON (else the byte offset in the line)."""
     text = raw.decode("utf-8", "surrogateescape")
     m = _ESCAPED_BYTE.search(text)
-    if m is not None and _MARK not in text:
+    if m is not None and _MARK not in text and not text_too_deep(text):
         try:
             found = _find_mark(json.loads(text[:m.start()] + _MARK + text[m.end():]), "")
         except ValueError:
@@ -181,8 +227,10 @@ def _utf8_error(raw: bytes, e: UnicodeDecodeError, src: str, lineno: int) -> Inp
 
 def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     """Yield a :class:`SourceRecord` per non-blank line of a JSONL file (``-``/None: stdin,
-    ``.gz``: gzip). Invalid UTF-8, invalid JSON and non-object lines become records with
-    ``error`` set; lone surrogates are replaced with U+FFFD and reported in ``warnings``."""
+    ``.gz``: gzip). Invalid UTF-8, invalid JSON, non-object lines and lines nested deeper
+    than :data:`MAX_DEPTH` become records with ``error`` set (so ``--on-error`` applies and
+    the lines after them are read); lone surrogates are replaced with U+FFFD and reported in
+    ``warnings``."""
     src = source_name(path)
     fh = _open_binary(path)
     try:
@@ -195,6 +243,9 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield SourceRecord(src, lineno, None, _utf8_error(raw, e, src, lineno))
+                continue
+            if text_too_deep(text):
+                yield SourceRecord(src, lineno, None, depth_error(src, lineno))
                 continue
             try:
                 data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
@@ -436,7 +487,7 @@ def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 continue  # a blank line is no record
             try:
                 yield lineno, json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # (nested too deep for Python's parser: not ours)
                 yield lineno, None
 
 

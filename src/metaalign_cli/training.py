@@ -91,7 +91,7 @@ class TrainConfig:
                                 panel="Optimisation")
     warmup_ratio: float = opt(0.05, "Fraction of each stage's steps with linear learning-rate warm-up (Table 5: "
                                     "0.05).", min=0.0, max=0.999, metavar="X", panel="Optimisation")
-    lr_scheduler: str = opt("cosine", "transformers learning-rate scheduler name (cosine, linear, constant, ...).",
+    lr_scheduler: str = opt("cosine", "transformers learning-rate scheduler name, e.g. cosine, linear or constant.",
                             metavar="NAME", panel="Optimisation")
     optimizer: str = opt("adamw_torch", "transformers optimizer name (Table 5: Adam).", metavar="NAME",
                          panel="Optimisation")
@@ -584,7 +584,42 @@ def _make_trainer_class():
                 logs["target_tokens_per_s"] = round(total / max(time.perf_counter() - self._t0, 1e-9), 2)
             return super().log(logs, start_time)
 
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """transformers' schedule with its warm-up moved one step earlier, so that no
+            optimizer step runs at learning rate 0 (see :func:`warmup_without_zero_step`)."""
+            fresh = self.lr_scheduler is None
+            sched = super().create_scheduler(num_training_steps, optimizer)
+            if fresh:
+                self.lr_scheduler = sched = warmup_without_zero_step(
+                    sched, self.args.get_warmup_steps(num_training_steps))
+            return sched
+
     return CorrectorTrainer
+
+
+def warmup_without_zero_step(scheduler, warmup_steps: int):
+    """``scheduler`` (a transformers LambdaLR schedule with linear warm-up) with the warm-up
+    shifted by one step: step ``s < warmup_steps`` (0-based) runs at the factor transformers
+    gives step ``s + 1``, i.e. ``(s + 1) / warmup_steps`` of the peak, instead of
+    ``s / warmup_steps``; the steps after the warm-up are unchanged.
+
+    transformers' warm-up factor of step 0 is 0, and ``warmup_steps`` given as a ratio
+    (``--warmup-ratio 0.05``) becomes ``ceil(0.05 * steps) >= 1`` warm-up steps: every stage's
+    first optimizer step ran at learning rate 0, half of a ``--max-steps 2`` smoke run (Table 5's
+    0.05 warm-up ratio is kept; only the wasted step goes). Schedules that are not a LambdaLR
+    (e.g. ``reduce_lr_on_plateau``) and ``warmup_steps == 0`` are returned as they are.
+    """
+    import torch
+
+    if warmup_steps <= 0 or type(scheduler) is not torch.optim.lr_scheduler.LambdaLR:
+        return scheduler
+
+    def shifted(f):
+        return lambda step: f(step + 1) if step < warmup_steps else f(step)
+
+    # A new LambdaLR over the same optimizer: base rates come from each group's 'initial_lr'
+    # (set by the first), and the groups' current rate is set from step 0 of the new schedule.
+    return torch.optim.lr_scheduler.LambdaLR(scheduler.optimizer, [shifted(f) for f in scheduler.lr_lambdas])
 
 
 def _make_metrics_callback(stage: str, metrics_path: Path, on_event: Callable[[dict], None] | None,

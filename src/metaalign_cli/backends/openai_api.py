@@ -72,7 +72,7 @@ class OpenAIBackend(Backend):
             if p.chat:
                 r = self.client.chat.completions.create(messages=p.messages(), **common)
                 ch = r.choices[0]
-                text = ch.message.content or ""
+                text = ch.message.content  # None (no text) fails the record, as a null completion does
             else:
                 r = self.client.completions.create(prompt=p.text, **common)
                 ch = r.choices[0]

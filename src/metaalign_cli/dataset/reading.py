@@ -14,8 +14,8 @@ from metaalign_cli.dataset.algorithm import Relation
 from metaalign_cli.dataset.stats import BuildStats
 from metaalign_cli.errors import InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
-from metaalign_cli.records import (QUERY_FIELDS, READ_ERRORS, SourceRecord, read_csv, read_error, read_jsonl,
-                                   text_value)
+from metaalign_cli.records import (MAX_DEPTH, QUERY_FIELDS, READ_ERRORS, SourceRecord, depth_error, read_csv,
+                                   read_error, read_jsonl, text_value, too_deep)
 
 UNKNOWN_RATINGS = frozenset({"", "n/a", "na", "none", "null", "unknown", "-"})
 
@@ -84,6 +84,9 @@ def _json_array_rows(path: str) -> Iterator[SourceRecord]:
             data = json.load(fh)
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})", source=path) from None
+    except RecursionError:  # nested too deep for Python's parser: no item can be told apart
+        raise InputError(f"invalid JSON: nested deeper than Python's parser can read "
+                         f"(records may nest {MAX_DEPTH} levels)", source=path) from None
     except UnicodeDecodeError as e:
         raise InputError(f"invalid UTF-8 at byte {e.start}", source=path) from None
     except READ_ERRORS as e:
@@ -93,7 +96,9 @@ def _json_array_rows(path: str) -> Iterator[SourceRecord]:
     if not isinstance(data, list):
         raise InputError(f"expected a JSON array of objects, got {type(data).__name__}", source=path)
     for i, d in enumerate(data, start=1):
-        if isinstance(d, dict):
+        if isinstance(d, dict) and too_deep(d):
+            yield SourceRecord(path, i, None, depth_error(path, i))
+        elif isinstance(d, dict):
             yield SourceRecord(path, i, d)
         else:
             yield SourceRecord(path, i, None, InputError(f"expected a JSON object, got {type(d).__name__}",

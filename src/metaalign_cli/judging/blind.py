@@ -83,7 +83,7 @@ def read_key(path: str | os.PathLike, units: list[JudgeUnit]) -> dict:
         key = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"cannot read the key: {e.strerror or e}", source=str(p)) from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"not a blind-task key (invalid JSON: {e})", source=str(p)) from None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(key.get("tasks"), list):
         raise InputError("not a blind-task key written by `metaalign judge --blind-key`", source=str(p))
