@@ -91,7 +91,7 @@ def correct_cmd(
                                            help="Correction template: hh-rlhf, ultrafeedback, imhi, or a YAML path. Default: ultrafeedback (or the trained model's)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="GGUF file, HF directory/hub id, or served model name. Default: embedded SmolLM2-135M demo model."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="llama-cpp, transformers, openai or anthropic. Default: guessed from --model/--base-url."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="llama-cpp, transformers, vllm, openai or anthropic. Default: guessed from --model/--base-url."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server URL (key from $OPENAI_API_KEY)."),
     prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="raw or chat. Default: the template's (raw), chat for the embedded model."),
     system: Optional[str] = typer.Option(None, "--system", help="System message for chat prompts."),
@@ -114,10 +114,20 @@ def correct_cmd(
     n_ctx: int = typer.Option(4096, "--n-ctx", min=256, help="Context tokens (llama-cpp; at least 256)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (llama-cpp). Default: all cores."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers on the GPU (llama-cpp); -1 = all."),
-    lora: Optional[str] = typer.Option(None, "--lora", help="GGUF LoRA adapter (llama-cpp)."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA adapter: a GGUF file (llama-cpp) or a peft directory (vllm)."),
     quant: str = typer.Option("auto", "--quant", help="Re-quantize the GGUF once (cached) before loading (llama-cpp): q8_0, f16, f32 or none. auto = q8_0 for the embedded SmolLM2 (prefills ~1.7x faster than its Q4_1 on CPU), the file as it is otherwise."),
     device: str = typer.Option("auto", "--device", help="auto, cuda, mps or cpu (transformers)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32 (transformers)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (transformers: bf16 on GPU, fp32 on CPU; vllm: the checkpoint's), bf16, fp16, fp32 (transformers, vllm)."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds one request may take before it is retried (openai/anthropic)."),
+    retries: int = typer.Option(4, "--retries", min=0, help="Retries per request, with backoff (openai/anthropic)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="HF directory or hub id of the served model's tokenizer: prompts are fitted to --max-model-len before sending (openai)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=16, help="Context tokens (vllm; openai with --tokenizer). Default: the model's, or what the server lists."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs one model is split across (vllm)."),
+    data_parallel_size: int = typer.Option(1, "--data-parallel-size", min=1, help="Model replicas (vllm; more than 1 needs `vllm serve`, see docs/scale.md)."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", min=0.01, max=1.0, help="Share of GPU memory vLLM may use (vllm)."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Reuse the KV cache of the prompts' shared opening (vllm)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="mp (one node) or ray (several nodes) (vllm)."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No graph capture or compilation: starts faster, decodes slower (vllm)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     objectives_dir: Optional[list[Path]] = ObjectivesDir,
     objective_file: Optional[list[Path]] = ObjectiveFile,
@@ -134,6 +144,8 @@ def correct_cmd(
 
     if on_error not in ("fail", "skip", "keep"):
         raise fail(f"--on-error must be fail, skip or keep, not '{on_error}'")
+    if executor not in (None, "mp", "ray"):
+        raise fail(f"--executor must be mp or ray, not '{executor}'")
     if prompt_format not in (None, "raw", "chat"):
         raise fail(f"--prompt-format must be raw or chat, not '{prompt_format}'")
     try:
@@ -190,7 +202,11 @@ def correct_cmd(
                        "corrector's name")
         be = make_backend(backend, model_arg, base_url, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, quant=quant,
                           lora_path=lora or (card.get("lora") if use_gguf else None), device=device,
-                          dtype=dtype, batch_size=batch_size, concurrency=concurrency, seed=seed)
+                          dtype=dtype, batch_size=batch_size, concurrency=concurrency, seed=seed,
+                          timeout=timeout, retries=retries, tokenizer=tokenizer, max_model_len=max_model_len,
+                          tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, prefix_caching=prefix_caching,
+                          executor=executor, enforce_eager=enforce_eager)
         if resume:
             from metaalign_cli.correction import resume_mismatch
 
@@ -229,7 +245,7 @@ def correct_cmd(
         earlier = f" ({failed_before} of them kept as failed)" if failed_before else ""
         console.print(f"corrected {report.corrected} record(s), {report.failed} failed, "
                       f"{report.resumed} already done{earlier}, {report.truncated} with the query cut to fit the context, "
-                      f"{report.looped} stopped in a repetition loop; "
+                      f"{report.looped} stopped in a repetition loop, {report.empty} empty; "
                       f"{rate:.2f} records/s, {tps:.1f} generated tokens/s", markup=False)
     raise typer.Exit(EXIT_FAILED if report.failed or failed_before else EXIT_OK)
 

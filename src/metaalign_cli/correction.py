@@ -57,7 +57,8 @@ class CorrectionOptions:
 class CorrectionReport:
     """Counts of a run: ``written`` records (corrected or kept with ``error``), ``failed``
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
-    cut from the start of the query), ``looped`` (stopped by the loop guard), ``generated_tokens``, ``seconds``."""
+    cut from the start of the query), ``looped`` (stopped by the loop guard), ``empty``
+    (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``."""
 
     written: int = 0
     corrected: int = 0
@@ -65,6 +66,7 @@ class CorrectionReport:
     resumed: int = 0
     truncated: int = 0
     looped: int = 0
+    empty: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -176,7 +178,9 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
                        "generation": settings.to_dict(), "version": __version__}
     warn = warn or (lambda m: None)
     chunk: list[_Item] = []
-    size = max(1, opts.batch_size)
+    # Enough records per call to keep the backend busy: a server's requests in flight, vLLM's
+    # batch. Lines are still written in input order, each once its chunk is done.
+    size = max(1, opts.batch_size, backend.chunk_size)
 
     def flush() -> None:
         todo = [it for it in chunk if it.error is None]
@@ -206,6 +210,9 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
                 "finish_reason": g.finish_reason}
         if it.truncated_chars:
             prov["truncated_query_chars"] = it.truncated_chars
+        if not out[opts.output_field]:
+            prov["empty"] = True  # the model generated nothing (or only whitespace)
+            report.empty += 1
         out["metaalign"] = prov
         writer.write(out)
         report.written += 1

@@ -2,7 +2,7 @@
 
 Registered by name; each module is imported only when used, so the CLI stays light:
 ``llama-cpp`` (GGUF, local CPU/GPU), ``transformers`` (HF models, full precision),
-``openai`` (any OpenAI-compatible server) and ``anthropic``.
+``openai`` (any OpenAI-compatible server), ``anthropic`` and ``vllm`` (vLLM's offline engine).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "transformers": "metaalign_cli.backends.hf:TransformersBackend",
     "openai": "metaalign_cli.backends.openai_api:OpenAIBackend",
     "anthropic": "metaalign_cli.backends.anthropic_api:AnthropicBackend",
+    "vllm": "metaalign_cli.backends.vllm_engine:VLLMBackend",
 }
 
 __all__ = ["Backend", "BackendError", "Generation", "GenerationSettings", "Prompt", "BACKENDS",
@@ -58,4 +59,17 @@ def create_backend(name: str, model: str | None = None, **options) -> Backend:
     if name not in BACKENDS:
         raise UnknownNameError(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
     mod, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)(model, **options)
+    module = importlib.import_module(mod)
+    declared = getattr(module, "Options", None)
+    if declared is not None:
+        # A backend that declares its Options takes exactly those; of the options the CLI hands
+        # every backend, the ones meant for others are left out here (anything else is an error).
+        options = {k: v for k, v in options.items() if k in declared.model_fields or k not in SHARED_OPTIONS}
+    return getattr(module, cls)(model, **options)
+
+
+#: Options `correct` and `judge` pass to whichever backend runs (each backend takes some).
+SHARED_OPTIONS = frozenset({"n_ctx", "threads", "n_gpu_layers", "quant", "lora_path", "device", "dtype",
+                            "batch_size", "concurrency", "seed", "base_url", "retries", "timeout",
+                            "tokenizer", "max_model_len", "tensor_parallel_size", "data_parallel_size",
+                            "gpu_memory_utilization", "prefix_caching", "executor", "enforce_eager"})

@@ -80,6 +80,17 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
     return False
 
 
+def loop_cut(tokens, every: int = 8) -> int | None:
+    """Where the loop guard stops ``tokens`` (a generated sequence): the first length that is a
+    multiple of ``every`` whose tail loops (:func:`is_looping`), or None. The local backends
+    check every 8 tokens while generating; backends that can only look afterwards (vLLM,
+    servers) cut there, so a loop ends at the same token everywhere."""
+    for n in range(every, len(tokens) + 1, every):
+        if is_looping(tokens[:n]):
+            return n
+    return None
+
+
 # Load options that change a model's weights (provenance keys): answers made with other values
 # are not the same model's, for `--resume` and the judge cache.
 WEIGHT_OPTIONS = ("lora_path", "quant")
@@ -98,6 +109,13 @@ class Backend(abc.ABC):
     #: Runs the model in this process: greedy decoding of one prompt gives the same answer every
     #: time (a remote server may batch, shard or change its model between calls).
     local: bool = False
+
+    @property
+    def chunk_size(self) -> int:
+        """How many prompts one :meth:`generate` call should get to keep this backend busy (the
+        correction pipeline hands it at least that many): a server backend's requests in
+        flight, an engine's batch. 1 for backends that gain nothing from more."""
+        return 1
 
     def context_length(self) -> int | None:
         """Tokens the model can attend to (prompt + generation), or None when unknown."""
