@@ -273,7 +273,7 @@ class VLLMBackend(Backend):
                 results[i] = e
             return results
         for (i, ids), out in zip(todo, outs):
-            results[i] = self._generation(out.outputs[0], len(ids), settings)
+            results[i] = self._generation(out.outputs[0], len(out.prompt_token_ids or ids), settings)
         return results
 
     def _generation(self, c, n_prompt: int, settings: GenerationSettings) -> Generation:
