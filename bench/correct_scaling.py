@@ -68,11 +68,12 @@ def server_scaling(n: int, latency: float, levels: list[int]) -> list[tuple[int,
 
 
 def claude_rows(rows: int) -> list[dict]:
-    """The first ``rows`` rows of the reference samples (shared data), as correct reads them;
-    the example records when the shared data is absent."""
+    """The first ``rows`` rows of the reference samples (``$METAALIGN_SHARED`` or the shared/
+    folder beside the checkout), as correct reads them; the example records without them."""
     from metaalign_cli.records import extract_query_response, read_records
 
-    csv = REPO.parent / "shared" / "data" / "metaaligner-samples" / "hh-rlhf" / "Claude-3.csv"
+    shared = Path(os.environ.get("METAALIGN_SHARED") or REPO.parent / "shared")
+    csv = shared / "data" / "metaaligner-samples" / "hh-rlhf" / "Claude-3.csv"
     src = str(csv) if csv.is_file() else str(REPO / "examples" / "hh-rlhf.jsonl")
     out = []
     for rec in read_records(src):
@@ -84,36 +85,54 @@ def claude_rows(rows: int) -> list[dict]:
     return out
 
 
-def engines(rows: int, max_new_tokens: int, threads: int) -> list[dict]:
+RUNS = {
+    "vllm": ("vllm (fp32, prefix caching, whole input as one call)", "vllm",
+             dict(dtype="fp32", max_model_len=4096, enforce_eager=True), 1),
+    "transformers": ("transformers (fp32, batch 8)", "transformers", dict(dtype="fp32", device="cpu", batch_size=8), 8),
+    "llama-cpp-f32": ("llama-cpp (f32 copy of the GGUF, batch 8)", "llama-cpp", dict(quant="f32", n_ctx=4096), 8),
+    "llama-cpp-q8_0": ("llama-cpp (q8_0, the default, batch 8)", "llama-cpp", dict(quant="q8_0", n_ctx=4096), 8),
+}
+
+
+def engine_run(key: str, rows: int, max_new_tokens: int, threads: int) -> dict:
+    """One run of (b) in this process: load, correct ``rows`` records, time it."""
     from metaalign_cli.backends import create_backend, default_model_path
     from metaalign_cli.backends.vllm_engine import hf_copy_of_gguf
 
-    recs = claude_rows(rows)
-    hf_dir = str(hf_copy_of_gguf(default_model_path()))
-    runs = [
-        ("vllm (fp32, prefix caching, whole input as one call)", "vllm",
-         dict(dtype="fp32", max_model_len=4096, enforce_eager=True), 1),
-        ("transformers (fp32, batch 8)", "transformers", dict(dtype="fp32", device="cpu", batch_size=8), 8),
-        ("llama-cpp (f32 copy of the GGUF, batch 8)", "llama-cpp",
-         dict(quant="f32", n_ctx=4096, threads=threads), 8),
-        ("llama-cpp (q8_0, the default, batch 8)", "llama-cpp", dict(quant="q8_0", n_ctx=4096, threads=threads), 8),
-    ]
-    results, ref = [], None
-    for label, name, kw, bs in runs:
-        model = hf_dir if name != "llama-cpp" else str(default_model_path())
-        t0 = time.perf_counter()
-        be = create_backend(name, model, **kw)
-        load = time.perf_counter() - t0
-        report, out = pipeline(be, recs, max_new_tokens, batch_size=bs)
-        be.close()
-        texts = [o.get("corrected") for o in out]
-        if name == "transformers":
-            ref = texts
-        results.append(dict(label=label, load=load, seconds=report.seconds, rps=len(out) / report.seconds,
-                            tps=report.generated_tokens / report.seconds, texts=texts))
-        print(f"  done: {label}: {report.seconds:.1f} s (+{load:.1f} s load)", file=sys.stderr, flush=True)
+    label, name, kw, bs = RUNS[key]
+    if name == "llama-cpp":
+        kw = dict(kw, threads=threads)
+    model = str(hf_copy_of_gguf(default_model_path())) if name != "llama-cpp" else str(default_model_path())
+    t0 = time.perf_counter()
+    be = create_backend(name, model, **kw)
+    load = time.perf_counter() - t0
+    report, out = pipeline(be, claude_rows(rows), max_new_tokens, batch_size=bs)
+    be.close()
+    return dict(label=label, load=load, seconds=report.seconds, rps=len(out) / report.seconds,
+                tps=report.generated_tokens / report.seconds, texts=[o.get("corrected") for o in out])
+
+
+def engines(rows: int, max_new_tokens: int, threads: int) -> list[dict]:
+    """Every run of (b), each in its own process (vLLM pins the threads of the process it runs in)."""
+    import subprocess
+
+    from metaalign_cli.backends import default_model_path
+    from metaalign_cli.backends.vllm_engine import hf_copy_of_gguf
+
+    hf_copy_of_gguf(default_model_path())  # made once, outside the timings
+    results = []
+    for key in RUNS:
+        p = subprocess.run([sys.executable, __file__, "--one", key, "--rows", str(rows), "--max-new-tokens",
+                            str(max_new_tokens), "--threads", str(threads)], capture_output=True, text=True)
+        last = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        if p.returncode or not last:
+            raise SystemExit(f"{key} failed:\n{p.stderr[-3000:]}")
+        results.append(json.loads(last[-1]))
+        r = results[-1]
+        print(f"  done: {r['label']}: {r['seconds']:.1f} s (+{r['load']:.1f} s load)", file=sys.stderr, flush=True)
+    ref = next(r["texts"] for r in results if r["label"].startswith("transformers"))
     for r in results:
-        r["same"] = sum(a == b for a, b in zip(r["texts"], ref or [])) if ref else None
+        r["same"] = sum(a == b for a, b in zip(r["texts"], ref))
     return results
 
 
@@ -125,10 +144,16 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32, help="(b)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads in (b)")
     ap.add_argument("--skip-engines", action="store_true", help="run (a) only")
+    ap.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM binds its threads to all but one core by default; give it as many as the others.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, args.threads - 1)}")
+    if args.one:
+        print(json.dumps(engine_run(args.one, args.rows, args.max_new_tokens, args.threads)))
+        return
 
     rows = server_scaling(args.records, args.latency, [1, 4, 16, 64])
     print(f"(a) {args.records} records, OpenAI-compatible server on 127.0.0.1 answering after {args.latency} s")
@@ -139,7 +164,8 @@ def main():
     if args.skip_engines:
         return
     res = engines(args.rows, args.max_new_tokens, args.threads)
-    print(f"\n(b) {args.rows} records of Claude-3.csv, SmolLM2-135M-Instruct, greedy, {args.max_new_tokens} new tokens, "
+    n_b = len(res[0]["texts"])
+    print(f"\n(b) {n_b} records of Claude-3.csv, SmolLM2-135M-Instruct, greedy, {args.max_new_tokens} new tokens, "
           f"no loop guard, {os.cpu_count()} CPU cores")
     print(f"{'run':<54} {'load s':>7} {'seconds':>8} {'records/s':>10} {'gen tok/s':>10} {'same as hf':>11}")
     for r in res:

@@ -627,7 +627,8 @@ def judge_units(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | No
         if on_progress:
             on_progress(report.judged, report)
 
-    workers = 1 if backend.name in LOCAL_BACKENDS else max(1, opts.concurrency)
+    # One engine in this process (llama-cpp, transformers, vllm) is never called from threads.
+    workers = 1 if backend.local or backend.name in LOCAL_BACKENDS else max(1, opts.concurrency)
     try:
         if workers == 1:
             for u in todo:
