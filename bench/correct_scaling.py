@@ -165,7 +165,10 @@ def main():
         return
     res = engines(args.rows, args.max_new_tokens, args.threads)
     n_b = len(res[0]["texts"])
-    print(f"\n(b) {n_b} records of Claude-3.csv, SmolLM2-135M-Instruct, greedy, {args.max_new_tokens} new tokens, "
+    shared = Path(os.environ.get("METAALIGN_SHARED") or REPO.parent / "shared")
+    name = "Claude-3.csv" if (shared / "data" / "metaaligner-samples" / "hh-rlhf" / "Claude-3.csv").is_file() \
+        else "examples/hh-rlhf.jsonl"
+    print(f"\n(b) {n_b} records of {name}, SmolLM2-135M-Instruct, greedy, {args.max_new_tokens} new tokens, "
           f"no loop guard, {os.cpu_count()} CPU cores")
     print(f"{'run':<54} {'load s':>7} {'seconds':>8} {'records/s':>10} {'gen tok/s':>10} {'same as hf':>11}")
     for r in res:
