@@ -143,12 +143,27 @@ def test_context_fitting_with_vllms_tokenizer(engine, tmp_path):
     assert g.prompt_tokens == n and out["corrected"] == g.text.strip()
 
 
+def correct_file(backend, src, dst, max_new_tokens: int = 24) -> list[dict]:
+    """`correct_records` of the file ``src`` into ``dst`` (hh-rlhf, harmless+helpful, greedy)."""
+    objset = load_objectives(include_user=False)
+    opts = CorrectionOptions(template=load_template("hh-rlhf"), objective_set=objset,
+                             objectives=objset.resolve(["harmless", "helpful"]),
+                             settings=GenerationSettings(max_new_tokens=max_new_tokens))
+    with JsonlWriter(str(dst)) as w:
+        correct_records(read_records(str(src), None), backend, opts, w)
+    return [json.loads(l) for l in dst.read_text(encoding="utf-8").splitlines()]
+
+
 def test_lora_adapter_is_applied(smollm2_hf, tmp_path, hf):
-    """A peft LoRA adapter directory: vLLM loads its base and applies it (LoRARequest); greedy
-    outputs equal transformers + peft on the same adapter, and differ from the base model's."""
+    """`correct --backend vllm --model ADAPTER_DIR` (a peft LoRA adapter, as `metaalign train`
+    saves one): vLLM loads its base and applies it (LoRARequest); the corrections equal the
+    transformers backend's with peft on the same adapter, and differ from the base model's.
+    Through the CLI: vLLM keeps one in-process engine per process, and the module's is running."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import REPO
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32)
@@ -156,24 +171,23 @@ def test_lora_adapter_is_applied(smollm2_hf, tmp_path, hf):
                                                  init_lora_weights=False))
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(str(adapter))
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(str(smollm2_hf)).save_pretrained(str(adapter))  # as `metaalign train` saves it
     del peft_model, base
-    prompts = [Prompt("The capital of France is"), Prompt("Name three colours.", chat=True)]
-    st = GenerationSettings(max_new_tokens=16)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join((REPO / "examples" / "hh-rlhf.jsonl").read_text(encoding="utf-8")
+                           .splitlines(keepends=True)[:2]), encoding="utf-8")
     ref = create_backend("transformers", str(adapter), dtype="fp32", device="cpu")
-    want = ref.generate(prompts, st)
+    want = [o["corrected"] for o in correct_file(ref, src, tmp_path / "want.jsonl", 16)]
     ref.close()
-    be = create_backend("vllm", str(adapter), dtype="fp32", max_model_len=512, enforce_eager=True)
-    try:
-        got = be.generate(prompts, st)
-        assert be.info()["adapter_base"] == str(smollm2_hf)
-    finally:
-        be.close()
-    plain = hf.generate(prompts, st)
-    assert [g.text for g in got] == [g.text for g in want]
-    assert [g.text for g in got] != [g.text for g in plain]
+    plain = [o["corrected"] for o in correct_file(hf, src, tmp_path / "plain.jsonl", 16)]
+    env = dict(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    r = run_cli("correct", "--backend", "vllm", "--model", str(adapter), "-t", "hh-rlhf", "-O", "harmless,helpful",
+                "--max-new-tokens", "16", "--dtype", "fp32", "--max-model-len", "512", "--enforce-eager", "-q",
+                str(src), env=env, timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    got = [json.loads(l) for l in r.stdout.decode().splitlines()]
+    assert [g["corrected"] for g in got] == want != plain
+    assert got[0]["metaalign"]["adapter_base"] == str(smollm2_hf) and got[0]["metaalign"]["model"] == str(adapter)
 
 
 def test_cli_correct_backend_vllm_resume(tmp_path, engine, smollm2_hf):
@@ -189,14 +203,8 @@ def test_cli_correct_backend_vllm_resume(tmp_path, engine, smollm2_hf):
     full.write_text("".join(src), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     # The first two records by the module's engine, through the library...
-    objset = load_objectives(include_user=False)
-    opts = CorrectionOptions(template=load_template("hh-rlhf"), objective_set=objset,
-                             objectives=objset.resolve(["harmless", "helpful"]),
-                             settings=GenerationSettings(max_new_tokens=24))
-    with JsonlWriter(str(out)) as w:
-        correct_records(read_records(str(first), None), engine, opts, w)
-    with JsonlWriter(str(tmp_path / "want.jsonl")) as w:
-        correct_records(read_records(str(full), None), engine, opts, w)
+    correct_file(engine, first, out)
+    correct_file(engine, full, tmp_path / "want.jsonl")
     # ...the rest by the CLI, resuming.
     env = {k: v for k, v in ENV.items()}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"

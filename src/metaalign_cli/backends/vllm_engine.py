@@ -151,6 +151,10 @@ class VLLMBackend(Backend):
                   "float16": "float16", "fp32": "float32", "float32": "float32"}
         if o.dtype not in dtypes:
             raise MetaAlignError(f"vllm option 'dtype': auto, bf16, fp16 or fp32, not '{o.dtype}'")
+        import os
+
+        # vLLM logs to stdout by default; stdout is the corrected records' (logs go to stderr).
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm  # noqa: F401
         except ImportError:
