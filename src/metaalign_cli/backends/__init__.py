@@ -22,6 +22,7 @@ BACKENDS: dict[str, Any] = {
     "transformers": "metaalign_cli.backends.hf:TransformersBackend",
     "openai": "metaalign_cli.backends.openai_api:OpenAIBackend",
     "anthropic": "metaalign_cli.backends.anthropic_api:AnthropicBackend",
+    "vllm": "metaalign_cli.backends.vllm_engine:VLLMBackend",
 }
 
 __all__ = ["Backend", "BackendError", "Generation", "GenerationSettings", "Prompt", "BACKENDS",

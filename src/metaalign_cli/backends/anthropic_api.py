@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
-from metaalign_cli.backends.base import Backend, BackendError, Generation, GenerationSettings, Prompt
-from metaalign_cli.backends.openai_api import APIOptions
+from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.server import ServerBackend, ServerOptions
 from metaalign_cli.errors import MetaAlignError
-from metaalign_cli.redact import redact_url
 
 
-class AnthropicBackend(Backend):
+class AnthropicOptions(ServerOptions):
+    """Options of the anthropic backend (``create_backend("anthropic", model, **options)``);
+    ``base_url``: a proxy in front of the Messages API."""
+
+
+class AnthropicBackend(ServerBackend):
     """Claude through the Messages API. Key only from ``$ANTHROPIC_API_KEY``; ``base_url``
     for a proxy; ``concurrency`` requests in flight; the client's retries with backoff.
-    Every prompt is sent as a user message (Anthropic has no raw completion endpoint)."""
+    Every prompt is sent as a user message (Anthropic has no raw completion endpoint).
+    ``top_k`` and ``top_p`` are sent when they are not off; the loop guard cuts a looping
+    tail after the fact (on words). Options: :class:`AnthropicOptions`."""
 
     name = "anthropic"
-    Options = APIOptions
+    Options = AnthropicOptions
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
                  retries: int = 4, timeout: float = 120.0):
@@ -43,27 +48,18 @@ class AnthropicBackend(Backend):
             kw["system"] = p.system
         if s.stop:
             kw["stop_sequences"] = list(s.stop)
+        if s.top_k:
+            kw["top_k"] = s.top_k
+        if s.top_p < 1.0:
+            kw["top_p"] = s.top_p
         try:
             r = self.client.messages.create(**kw)
         except self._anthropic.AnthropicError as e:
             raise BackendError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
-        text = "".join(getattr(b, "text", "") for b in r.content)
+        if r.content is None:
+            raise BackendError(f"the API answered no content (model {self.model_id})")
+        text = "".join(getattr(b, "text", None) or "" for b in r.content)
         reason = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(r.stop_reason, r.stop_reason)
-        return Generation(text, r.usage.input_tokens, r.usage.output_tokens, reason)
+        from metaalign_cli.backends.openai_api import guard_remote
 
-    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
-        def run(p):
-            try:
-                return self._one(p, settings)
-            except Exception as e:
-                return e
-
-        with ThreadPoolExecutor(self.concurrency) as ex:
-            return list(ex.map(run, prompts))
-
-    def info(self) -> dict:
-        return {"backend": self.name, "model": self.model_id,
-                **({"base_url": redact_url(self.base_url)} if self.base_url else {})}
-
-    def chunk_size(self, batch_size: int, concurrency: int) -> int:
-        return max(1, batch_size, concurrency)
+        return guard_remote(Generation(text, r.usage.input_tokens, r.usage.output_tokens, reason), s)

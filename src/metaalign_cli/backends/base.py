@@ -82,6 +82,17 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
     return False
 
 
+def loop_cut(tokens, every: int = 8) -> int | None:
+    """Where the loop guard stops ``tokens`` (a generated sequence): the first length that is a
+    multiple of ``every`` whose tail loops (:func:`is_looping`), or None. The local backends
+    check every 8 tokens while generating; backends that can only look afterwards (vLLM,
+    servers) cut there, so a loop ends at the same token everywhere."""
+    for n in range(every, len(tokens) + 1, every):
+        if is_looping(tokens[:n]):
+            return n
+    return None
+
+
 # Load options that change a model's weights (provenance keys): answers made with other values
 # are not the same model's, for `--resume` and the judge cache.
 WEIGHT_OPTIONS = ("lora_path", "quant")
@@ -145,7 +156,7 @@ class Backend(abc.ABC):
     def chunk_size(self, batch_size: int, concurrency: int) -> int:
         """How many records the correction pipeline hands :meth:`generate` at once: ``batch_size``
         for local backends (one batch); servers take ``max(batch_size, concurrency)`` so that
-        many requests are in flight."""
+        many requests are in flight; vLLM its scheduler's batch (it batches continuously)."""
         return max(1, batch_size)
 
     def close(self) -> None:

@@ -3,41 +3,46 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendError, BackendOptions, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, loop_cut
+from metaalign_cli.backends.server import ServerBackend, ServerOptions
 from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.redact import redact_url
 
 
-class APIOptions(BackendOptions):
-    """Load options of the API backends (openai, anthropic)."""
+class OpenAIOptions(ServerOptions):
+    """Options of the openai backend (``create_backend("openai", model, **options)``)."""
+    tokenizer: str | None = Field(None, description="HF directory or hub id of the served model's tokenizer: "
+                                                    "prompts are then fitted to the context before sending, and "
+                                                    "the loop guard counts real tokens.")
+    max_model_len: int | None = Field(None, ge=16, description="The served model's context in tokens. Default: "
+                                                               "what the server lists (vLLM does), if anything.")
 
-    base_url: str | None = Field(None, description="The server; default: the provider's.")
-    concurrency: int = Field(4, ge=1, description="Requests in flight.")
-    retries: int = Field(4, ge=0, description="The client's retries (429, 5xx, timeouts), exponential backoff "
-                                              "honouring Retry-After.")
-    timeout: float = Field(120.0, gt=0, description="Seconds per request.")
 
-
-class OpenAIBackend(Backend):
+class OpenAIBackend(ServerBackend):
     """Any OpenAI-compatible server through the official ``openai`` client.
 
     ``model``: the served model name (default: the first one the server lists).
-    ``base_url``: the server (default: the client's, i.e. OpenAI). The key comes only from
-    ``$OPENAI_API_KEY`` (a placeholder is sent to local servers that need none).
-    ``concurrency``: requests in flight. ``retries``: the client's own retries, with
-    exponential backoff that honours Retry-After, on 408/409/429/5xx and timeouts.
-    Raw prompts use the completions endpoint, chat prompts the chat endpoint.
+    The key comes only from ``$OPENAI_API_KEY`` (a placeholder is sent to local servers that
+    need none). Raw prompts use the completions endpoint, chat prompts the chat endpoint.
+    Self-hosted servers are sent ``top_k`` and the penalty under both names that vLLM
+    (``repetition_penalty``) and llama.cpp's server (``repeat_penalty``) read, so neither adds a
+    default of its own; vLLM is also asked to stop looping requests (``repetition_detection``).
+    The loop guard then cuts a looping tail as the local backends stop it (token ids from
+    ``tokenizer``, else whitespace-separated words). A reply without text (``null``, or no
+    choice) fails that prompt (a BackendError). Options: :class:`OpenAIOptions`.
     """
 
     name = "openai"
-    Options = APIOptions
+    Options = OpenAIOptions
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
-                 retries: int = 4, timeout: float = 120.0):
+                 retries: int = 4, timeout: float = 120.0, tokenizer: str | None = None,
+                 max_model_len: int | None = None):
+        self.options = OpenAIOptions(base_url=base_url, concurrency=concurrency, retries=retries, timeout=timeout,
+                                     tokenizer=tokenizer, max_model_len=max_model_len)
         try:
             import openai
         except ImportError:
@@ -47,62 +52,130 @@ class OpenAIBackend(Backend):
             raise MetaAlignError("the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
         self.base_url = base_url
         self.self_hosted = bool(base_url) and "api.openai.com" not in base_url
-        self.concurrency = max(1, int(concurrency))
+        self.concurrency = self.options.concurrency
         self.client = openai.OpenAI(api_key=key or "sk-no-key", base_url=base_url,
                                     max_retries=retries, timeout=timeout)
         self._openai = openai
-        if not model:
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        listed = None
+        if not model or (self.tokenizer is not None and not max_model_len):
             try:
                 models = self.client.models.list().data
             except openai.OpenAIError as e:
                 raise MetaAlignError(f"{redact_url(base_url)}: cannot list models: {e}") from None
-            if not models:
+            if not models and not model:
                 raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
-            model = models[0].id
+            model = model or models[0].id
+            listed = next((m for m in models if m.id == model), None)
         self.model_id = model
+        self._ctx = max_model_len or _listed_context(listed)
+
+    def context_length(self) -> int | None:
+        return self._ctx
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int | None:
+        """Tokens of ``prompt`` by ``tokenizer`` (the chat template applied to chat prompts), or
+        None without one."""
+        if self.tokenizer is None:
+            return None
+        return count_tokens(self.tokenizer, prompt)
 
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
         common = dict(model=self.model_id, max_tokens=s.max_new_tokens, temperature=s.temperature,
                       top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None)
-        if self.self_hosted or s.repeat_penalty != 1.0:
-            # llama.cpp's server applies repeat_penalty 1.1 unless told otherwise: say 1.0
-            # explicitly so no penalty is added that the user did not ask for.
-            common["extra_body"] = {"repeat_penalty": s.repeat_penalty}
+        if self.self_hosted:
+            # llama.cpp's server applies repeat_penalty 1.1 and top_k 40 unless told otherwise:
+            # say 1.0 and 0 (= off) explicitly, under the names each server reads.
+            extra = {"repeat_penalty": s.repeat_penalty, "repetition_penalty": s.repeat_penalty, "top_k": s.top_k}
+            if s.loop_guard:
+                from metaalign_cli.backends.vllm_engine import _REPEAT
+
+                extra["repetition_detection"] = dict(_REPEAT)
+            common["extra_body"] = extra
+        elif s.repeat_penalty != 1.0 or s.top_k:
+            common["extra_body"] = {k: v for k, v in (("repeat_penalty", s.repeat_penalty), ("top_k", s.top_k))
+                                    if (k == "top_k" and v) or (k == "repeat_penalty" and v != 1.0)}
         try:
             if p.chat:
                 r = self.client.chat.completions.create(messages=p.messages(), **common)
-                ch = r.choices[0]
-                text = ch.message.content  # None (no text) fails the record, as a null completion does
+                ch = r.choices[0] if r.choices else None
+                text = ch.message.content if ch is not None and ch.message is not None else None
             else:
                 r = self.client.completions.create(prompt=p.text, **common)
-                ch = r.choices[0]
-                text = ch.text
+                ch = r.choices[0] if r.choices else None
+                text = ch.text if ch is not None else None
         except self._openai.OpenAIError as e:
             raise BackendError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+        if not isinstance(text, str):
+            what = "no choice" if ch is None else "null text" if text is None else f"a {type(text).__name__} as text"
+            raise BackendError(f"the server answered {what} (model {self.model_id})")
         u = r.usage
-        return Generation(text, getattr(u, "prompt_tokens", None), getattr(u, "completion_tokens", None),
-                          ch.finish_reason)
-
-    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
-        def run(p):
-            try:
-                return self._one(p, settings)
-            except Exception as e:
-                return e
-
-        if self.concurrency == 1 or len(prompts) == 1:
-            return [run(p) for p in prompts]
-        with ThreadPoolExecutor(self.concurrency) as ex:
-            return list(ex.map(run, prompts))
+        finish = {"repetition": "loop"}.get(ch.finish_reason, ch.finish_reason)
+        return guard_remote(Generation(text, getattr(u, "prompt_tokens", None), getattr(u, "completion_tokens", None),
+                                       finish), s, self.tokenizer)
 
     def info(self) -> dict:
-        d = {"backend": self.name, "model": self.model_id}
-        if self.base_url:
-            d["base_url"] = redact_url(self.base_url)
+        d = super().info()
+        if self.options.tokenizer:
+            d["tokenizer"] = self.options.tokenizer
+        if self._ctx:
+            d["max_model_len"] = self._ctx
         return d
-
-    def chunk_size(self, batch_size: int, concurrency: int) -> int:
-        return max(1, batch_size, concurrency)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _listed_context(entry) -> int | None:
+    """The context a server lists for a model: vLLM's ``max_model_len`` (others list none)."""
+    if entry is None:
+        return None
+    extra = getattr(entry, "model_extra", None) or {}
+    n = extra.get("max_model_len")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def load_tokenizer(name: str):
+    """An HF tokenizer from a directory or hub id (from the local cache when offline).
+    Raises MetaAlignError when transformers is missing or the tokenizer cannot be loaded."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise MetaAlignError("--tokenizer needs transformers: pip install 'metaalign-cli[torch]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise MetaAlignError(f"{name}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def count_tokens(tokenizer, prompt: Prompt) -> int:
+    """Tokens of ``prompt`` as a server with this tokenizer counts them: raw text with the
+    model's BOS, chat prompts through the tokenizer's chat template."""
+    if not prompt.chat:
+        return len(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise MetaAlignError("the --tokenizer has no chat template; use a raw-prompt template")
+    text = tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
+    """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
+    backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
+    whitespace-separated words without one) and set ``finish_reason`` to ``loop``."""
+    if not s.loop_guard or not g.text:
+        return g
+    if tokenizer is not None:
+        ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
+        cut = loop_cut(ids)
+        if cut is None:
+            return g
+        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        return Generation(text, g.prompt_tokens, cut, "loop", g.extra)
+    import re
+
+    spans = [m.span() for m in re.finditer(r"\S+", g.text)]
+    cut = loop_cut([g.text[a:b] for a, b in spans])
+    if cut is None:
+        return g
+    return Generation(g.text[:spans[cut - 1][1]], g.prompt_tokens, g.completion_tokens, "loop", g.extra)

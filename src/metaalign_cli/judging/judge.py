@@ -74,7 +74,8 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   stop=tuple(cfg.stop or ()))
     opts = JudgeOptions(template=tpl, mode=cfg.mode, settings=settings, seed=cfg.seed, both_orders=cfg.both_orders,
-                        retries=cfg.retries, concurrency=cfg.concurrency, rpm=cfg.rpm or None,
+                        retries=cfg.retries, concurrency=cfg.concurrency, batch_size=cfg.batch_size,
+                        rpm=cfg.rpm or None,
                         prompt_format=cfg.prompt_format, system=cfg.system)
     plan = JudgePlan(items, opts, plan_units(items, opts))
     empty = [it for it in items if it.golden is not None and not it.golden.strip()]

@@ -52,7 +52,8 @@ class JudgeOptions:
     ``judge-pairwise`` (mode pairwise) or ``judge-score``; ``prompt_format`` overrides the
     template's (chat by default); ``retries``: re-asks after an unparsable answer (with the
     seed + 1, + 2, ...; none for a local backend decoding greedily, whose answer cannot change);
-    ``concurrency``: units in flight (remote backends only; local ones run one at a time);
+    ``concurrency``: requests in flight (servers); ``batch_size``: prompts per generate call of
+    a local judge (llama-cpp decodes greedy ones together, transformers pads them into one batch);
     ``rpm``: cap on judge calls per minute (None: no cap)."""
 
     template: Any
@@ -62,6 +63,7 @@ class JudgeOptions:
     both_orders: bool = False
     retries: int = 2
     concurrency: int = 4
+    batch_size: int = 1
     rpm: float | None = None
     prompt_format: Literal["raw", "chat"] | None = None
     system: str | None = None

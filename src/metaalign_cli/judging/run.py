@@ -7,8 +7,6 @@ import math
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +16,7 @@ from metaalign_cli.backends.base import Backend, BackendError, Generation, Gener
 from metaalign_cli.errors import InputError
 from metaalign_cli.judging.cache import JudgeCache, cache_key
 from metaalign_cli.judging.plan import Ask, JudgeOptions, JudgeUnit
-from metaalign_cli.judging.verdicts import (PARSER_VERSION, ParsedAnswer, combine_orders, parse_score,
+from metaalign_cli.judging.verdicts import (PARSER_VERSION, combine_orders, parse_score,
                                             parse_verdict, verdict_outcome)
 
 
@@ -78,63 +76,74 @@ def max_attempts(backend: Backend, opts: JudgeOptions) -> int:
     return 1 if opts.settings.greedy and backend.local else 1 + max(0, opts.retries)
 
 
-def _ask_judge(ask: Ask, backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
-               limiter: RateLimiter, report: JudgeReport, lock: threading.Lock) -> dict:
-    """Ask one prompt: from the cache, else up to :func:`max_attempts` calls until the answer
-    parses."""
+def _ask_many(asks: list[Ask], backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
+              limiter: RateLimiter, report: JudgeReport) -> list[dict]:
+    """Ask several prompts at once: each from the cache when it holds a parsed answer, the rest
+    in one ``backend.generate`` call (a batch for local backends and vLLM, that many requests in
+    flight for servers), then the unparsable ones again, up to :func:`max_attempts` calls each.
+    A failed call (after the client's own retries) is not asked again. Returns one dict per ask,
+    in order: order, position, exact prompt, cache key, raw answer(s), parsed value, attempts,
+    cached, latency_s (of the call it was in), tokens, error."""
     parse = parse_score if opts.mode == "score" else parse_verdict
-    key = cache_key(backend.identity(), opts.settings, ask.prompt)
-    out: dict = {"order": ask.order}
-    if ask.candidate_position is not None:
-        out["candidate_position"] = ask.candidate_position
-    out.update({"prompt": ask.prompt.text, "system": ask.prompt.system, "chat": ask.prompt.chat,
-                "cache_key": key})
-    hit = cache.get(key) if cache is not None else None
-    if hit is not None:
-        p = parse(hit.answer)
-        if p.ok:
-            with lock:
-                report.cache_hits += 1
+    judge = backend.identity()
+    outs: list[dict] = []
+    pending: list[int] = []
+    for i, ask in enumerate(asks):
+        key = cache_key(judge, opts.settings, ask.prompt)
+        out: dict = {"order": ask.order}
+        if ask.candidate_position is not None:
+            out["candidate_position"] = ask.candidate_position
+        out.update({"prompt": ask.prompt.text, "system": ask.prompt.system, "chat": ask.prompt.chat,
+                    "cache_key": key, "raw_answers": [], "attempts": 0, "cached": False, "latency_s": 0.0,
+                    "prompt_tokens": None, "completion_tokens": None, "error": None})
+        outs.append(out)
+        hit = cache.get(key) if cache is not None else None
+        p = parse(hit.answer) if hit is not None else None
+        if p is not None and p.ok:
+            report.cache_hits += 1
             out.update(raw_answer=hit.answer, raw_answers=[hit.answer], value=p.value, invalid_reason=None,
-                       attempts=0, cached=True, latency_s=0.0, prompt_tokens=hit.prompt_tokens,
-                       completion_tokens=hit.completion_tokens, error=None)
-            return out
-    raws: list[str | None] = []
-    latency = 0.0
-    last: ParsedAnswer = ParsedAnswer(None, "no answer")
-    error = None
-    ptoks = ctoks = None
-    attempts = 0
+                       cached=True, prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens)
+        else:
+            out.update(value=None, invalid_reason="no answer")
+            pending.append(i)
     for attempt in range(max_attempts(backend, opts)):
+        if not pending:
+            break
         # A re-ask varies only the seed (identical under greedy decoding, useful when sampling).
         settings = opts.settings if attempt == 0 else _with_seed(opts.settings, opts.settings.seed + attempt)
-        limiter.wait()
+        for _ in pending:
+            limiter.wait()
         t0 = time.perf_counter()
-        g = backend.generate([ask.prompt], settings)[0]
-        latency += time.perf_counter() - t0
-        attempts += 1
-        with lock:
-            report.calls += 1
-        if not isinstance(g, Generation):
-            error = (str(g) if isinstance(g, BackendError) else f"{type(g).__name__}: {g}").splitlines()[0]
-            last = ParsedAnswer(None, f"judge call failed: {error}")
-            with lock:
+        gens = backend.generate([asks[i].prompt for i in pending], settings)
+        latency = time.perf_counter() - t0
+        report.calls += len(pending)
+        again = []
+        for i, g in zip(pending, gens):
+            out = outs[i]
+            out["attempts"] += 1
+            out["latency_s"] = round(out["latency_s"] + latency, 4)
+            if not isinstance(g, Generation) or not isinstance(g.text, str):
+                err = "the judge returned no text" if isinstance(g, Generation) else g
+                out["error"] = (str(err) if isinstance(err, (BackendError, str)) else
+                                f"{type(err).__name__}: {err}").splitlines()[0]
+                out["invalid_reason"] = f"judge call failed: {out['error']}"
                 report.call_failures += 1
-            break  # the client has already retried (backoff, Retry-After); re-asking is for bad answers
-        raws.append(g.text)
-        ptoks, ctoks = g.prompt_tokens, g.completion_tokens
-        with lock:
+                continue  # the client has already retried (backoff, Retry-After); re-asking is for bad answers
+            out["raw_answers"].append(g.text)
+            out["prompt_tokens"], out["completion_tokens"] = g.prompt_tokens, g.completion_tokens
             report.prompt_tokens += g.prompt_tokens or 0
             report.completion_tokens += g.completion_tokens or 0
-        last = parse(g.text)
-        if last.ok:
-            if cache is not None:
-                cache.put(key, g.text, g.prompt_tokens, g.completion_tokens, backend.model_id)
-            break
-    out.update(raw_answer=raws[-1] if raws else None, raw_answers=raws, value=last.value,
-               invalid_reason=last.reason, attempts=attempts, cached=False, latency_s=round(latency, 4),
-               prompt_tokens=ptoks, completion_tokens=ctoks, error=error)
-    return out
+            parsed = parse(g.text)
+            out["value"], out["invalid_reason"] = parsed.value, parsed.reason
+            if parsed.ok:
+                if cache is not None:
+                    cache.put(out["cache_key"], g.text, g.prompt_tokens, g.completion_tokens, backend.model_id)
+            else:
+                again.append(i)
+        pending = again
+    for out in outs:
+        out.setdefault("raw_answer", out["raw_answers"][-1] if out["raw_answers"] else None)
+    return outs
 
 
 def _with_seed(s: GenerationSettings, seed: int) -> GenerationSettings:
@@ -143,28 +152,16 @@ def _with_seed(s: GenerationSettings, seed: int) -> GenerationSettings:
     return replace(s, seed=seed)
 
 
-def judge_unit(unit: JudgeUnit, backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
-               info: dict, limiter: RateLimiter | None = None, report: JudgeReport | None = None,
-               lock: threading.Lock | None = None) -> dict:
-    """Judge one unit and return its output row (never raises on a judge failure: the row's
-    ``outcome`` is then ``invalid`` with ``invalid_reason``).
-
-    Row: ``record_id, input_line, objective, candidate, mode, outcome`` (pairwise: ``win``,
-    ``tie``, ``loss`` or ``invalid``; score: ``scored`` or ``invalid``), ``verdict`` (pairwise,
-    single order: 0/1/2), ``score`` (score mode), ``consistent`` (both orders),
-    ``invalid_reason``, ``judgments`` (one per ask: order, candidate_position, exact prompt,
-    raw answer(s), parsed value, attempts, cached, latency_s, tokens), and ``judge``.
-    """
-    limiter = limiter or RateLimiter(None)
-    report = report or JudgeReport()
-    lock = lock or threading.Lock()
-    asks = [_ask_judge(a, backend, cache, opts, limiter, report, lock) for a in unit.asks]
+def _unit_row(unit: JudgeUnit, asks: list[dict], opts: JudgeOptions, info: dict) -> dict:
+    """The output row of one unit from its asks' results (see :func:`judge_unit`)."""
     row: dict = {"record_id": unit.item.record_id, "input_line": unit.item.line, "objective": unit.objective.name,
                  "candidate": unit.candidate, "mode": opts.mode}
     bad = next((a for a in asks if a["value"] is None), None)
     if opts.mode == "score":
         row["outcome"] = "invalid" if bad else "scored"
         row["score"] = None if bad else asks[0]["value"]
+        for a in asks:
+            a["score"] = a.pop("value")
     else:
         per = []
         for a in asks:
@@ -182,59 +179,60 @@ def judge_unit(unit: JudgeUnit, backend: Backend, cache: JudgeCache | None, opts
             row["candidate_position"] = asks[0]["candidate_position"]
         elif "consistent" not in row:
             row["consistent"] = None
-    if opts.mode == "score":
-        for a in asks:
-            a["score"] = a.pop("value")
     row["invalid_reason"] = (f"{bad['order']}: {bad['invalid_reason']}" if len(asks) > 1 else bad["invalid_reason"]) if bad else None
     row["judgments"] = asks
     row["judge"] = info
     return row
 
 
+def judge_unit(unit: JudgeUnit, backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
+               info: dict, limiter: RateLimiter | None = None, report: JudgeReport | None = None) -> dict:
+    """Judge one unit and return its output row (never raises on a judge failure: the row's
+    ``outcome`` is then ``invalid`` with ``invalid_reason``).
+
+    Row: ``record_id, input_line, objective, candidate, mode, outcome`` (pairwise: ``win``,
+    ``tie``, ``loss`` or ``invalid``; score: ``scored`` or ``invalid``), ``verdict`` (pairwise,
+    single order: 0/1/2), ``score`` (score mode), ``consistent`` (both orders),
+    ``invalid_reason``, ``judgments`` (one per ask: order, candidate_position, exact prompt,
+    raw answer(s), parsed value, attempts, cached, latency_s, tokens), and ``judge``.
+    """
+    asks = _ask_many(unit.asks, backend, cache, opts, limiter or RateLimiter(None), report or JudgeReport())
+    return _unit_row(unit, asks, opts, info)
+
+
 def judge_units(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
                 emit: Callable[[dict], None], skip: set | None = None,
                 on_progress: Callable[[int, JudgeReport], None] | None = None) -> JudgeReport:
-    """Judge ``units`` and pass each row to ``emit`` in plan order, as soon as it and every
-    unit before it are done (so an output file grows record by record and a killed run loses
-    only units in flight, whose parsed answers are already cached).
+    """Judge ``units`` and pass each row to ``emit`` in plan order, chunk by chunk.
 
-    ``skip``: unit keys already done (resume). ``opts.concurrency`` units run in flight for
-    remote backends (``openai``, ``anthropic``); local backends run one call at a time.
-    Returns a :class:`JudgeReport`. A failing judge call only makes its own unit ``invalid``.
+    Units go to the judge in chunks of ``backend.chunk_size(opts.batch_size,
+    opts.concurrency)`` (a batch for local backends and vLLM; ``opts.concurrency`` requests in flight for servers, through
+    the backend's own pool): every ask of a chunk not answered by the cache is sent in one
+    ``generate`` call, the unparsable ones re-asked in the next. A killed run loses only the
+    chunk in flight, whose parsed answers are already cached. ``skip``: unit keys already done
+    (resume). Returns a :class:`JudgeReport`. A failing judge call only makes its own unit
+    ``invalid``.
     """
     report = JudgeReport(units=len(units))
     limiter = RateLimiter(opts.rpm)
-    lock = threading.Lock()
     info = judge_info(backend, opts)
     todo = [u for u in units if not (skip and u.key in skip)]
     report.resumed = len(units) - len(todo)
+    size = max(1, backend.chunk_size(opts.batch_size, opts.concurrency))
     t0 = time.perf_counter()
-
-    def run(u: JudgeUnit) -> dict:
-        return judge_unit(u, backend, cache, opts, info, limiter, report, lock)
-
-    def done(row: dict) -> None:
-        report.judged += 1
-        if row["outcome"] == "invalid":
-            report.invalid += 1
-        emit(row)
-        if on_progress:
-            on_progress(report.judged, report)
-
-    workers = 1 if backend.local else max(1, opts.concurrency)
     try:
-        if workers == 1:
-            for u in todo:
-                done(run(u))
-        else:
-            with ThreadPoolExecutor(workers) as ex:
-                pending: deque = deque()
-                for u in todo:
-                    pending.append(ex.submit(run, u))
-                    while len(pending) >= 2 * workers or (pending and pending[0].done()):
-                        done(pending.popleft().result())
-                while pending:
-                    done(pending.popleft().result())
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            asks = _ask_many([a for u in chunk for a in u.asks], backend, cache, opts, limiter, report)
+            k = 0
+            for u in chunk:
+                row = _unit_row(u, asks[k:k + len(u.asks)], opts, info)
+                k += len(u.asks)
+                report.judged += 1
+                report.invalid += row["outcome"] == "invalid"
+                emit(row)
+                if on_progress:
+                    on_progress(report.judged, report)
     finally:
         report.seconds = time.perf_counter() - t0
     return report

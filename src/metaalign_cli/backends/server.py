@@ -1,0 +1,51 @@
+"""What the server backends (openai, anthropic) share: their options and a pool of requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import Field
+
+from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt
+from metaalign_cli.redact import redact_url
+
+
+class ServerOptions(BackendOptions):
+    """Options of a backend that talks to a server over HTTP."""
+
+    base_url: str | None = Field(None, description="The server (e.g. http://127.0.0.1:8000/v1). Default: the "
+                                                   "provider's.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight.")
+    retries: int = Field(4, ge=0, description="Retries per request (the client's exponential backoff, honouring "
+                                              "Retry-After) on connection errors, timeouts, 408/409/429/5xx.")
+    timeout: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
+
+
+class ServerBackend(Backend):
+    """A backend answering each prompt with one HTTP request (:meth:`_one`), ``concurrency`` of
+    them in flight; ``base_url`` is recorded with its credentials masked."""
+
+    concurrency: int = 1
+    base_url: str | None = None
+
+    def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
+        def run(p):
+            try:
+                return self._one(p, settings)
+            except Exception as e:  # one failed request never takes another's result
+                return e
+
+        if self.concurrency == 1 or len(prompts) == 1:
+            return [run(p) for p in prompts]
+        with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as ex:
+            return list(ex.map(run, prompts))
+
+    def info(self) -> dict:
+        return {"backend": self.name, "model": self.model_id,
+                **({"base_url": redact_url(self.base_url)} if self.base_url else {})}
+
+    def chunk_size(self, batch_size: int, concurrency: int) -> int:
+        return max(1, batch_size, concurrency)

@@ -1,0 +1,174 @@
+"""Correcting through servers: requests in flight, what is sent, null and empty answers, the
+loop guard after the fact, prompts fitted with --tokenizer, --timeout and --retries. Real
+local HTTP servers (tests/fault_server.py) on 127.0.0.1 and the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, run_cli
+from fault_server import FaultServer
+
+from metaalign_cli.backends import create_backend
+from metaalign_cli.backends.base import GenerationSettings, Prompt, loop_cut
+
+EX = REPO / "examples" / "hh-rlhf.jsonl"
+
+
+def records(n: int) -> str:
+    return "".join(json.dumps({"id": f"r{i}", "query": f"Question {i}?", "response": f"Answer {i}."}) + "\n"
+                   for i in range(n))
+
+
+def lines(b: bytes) -> list[dict]:
+    return [json.loads(l) for l in b.decode("utf-8").splitlines() if l.strip()]
+
+
+def echo_id(prompt: str) -> str:
+    """An answer naming the record it was asked about: 'fixed <n>' for 'Question <n>?'."""
+    import re
+
+    m = re.search(r"Question (\d+)\?", prompt)
+    return f"fixed {m.group(1) if m else '?'}"
+
+
+def test_concurrency_alone_puts_that_many_requests_in_flight():
+    """`--concurrency 8` with the default --batch-size 1: 8 requests are served at once, and the
+    output is still in input order, one line per record."""
+    with FaultServer(echo_id, delay_s=0.3) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--concurrency", "8", "-q", input=records(24))
+    assert r.returncode == 0, r.stderr.decode()
+    out = lines(r.stdout)
+    assert [o["id"] for o in out] == [f"r{i}" for i in range(24)]
+    assert [o["corrected"] for o in out] == [f"fixed {i}" for i in range(24)]
+    assert srv.max_in_flight == 8 and srv.requests == 24
+
+
+def test_self_hosted_servers_get_top_k_both_penalty_names_and_repetition_detection():
+    with FaultServer(echo_id) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--top-k", "7", "--repeat-penalty", "1.2",
+                    "--temperature", "0.5", "-q", input=records(1))
+        assert r.returncode == 0, r.stderr.decode()
+        body = srv.bodies[0]
+        assert body["top_k"] == 7 and body["repeat_penalty"] == 1.2 and body["repetition_penalty"] == 1.2
+        assert body["repetition_detection"] == {"min_pattern_size": 16, "max_pattern_size": 64, "min_count": 4}
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--no-loop-guard", "-q", input=records(1))
+        body = srv.bodies[1]
+        # greedy and no penalty are said explicitly, so llama.cpp's server adds neither its top_k 40 nor 1.1
+        assert body["top_k"] == 0 and body["repeat_penalty"] == 1.0 and body["temperature"] == 0.0
+        assert "repetition_detection" not in body
+
+
+def test_null_text_fails_its_record_and_empty_text_is_flagged():
+    """A server answering `"text": null` fails that record (`--on-error keep` writes it with an
+    error, exit 1); an empty answer is written, flagged `empty` and counted in the summary."""
+    def answer(prompt):
+        return None if "Question 1?" in prompt else "" if "Question 2?" in prompt else echo_id(prompt)
+
+    with FaultServer(answer) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--on-error", "keep", input=records(4))
+        assert r.returncode == 1
+        out = lines(r.stdout)
+        assert [o["id"] for o in out] == ["r0", "r1", "r2", "r3"]
+        assert "generation failed: the server answered null text" in out[1]["error"] and "corrected" not in out[1]
+        assert out[2]["corrected"] == "" and out[2]["metaalign"]["empty"] is True
+        assert "empty" not in out[0]["metaalign"] and out[3]["corrected"] == "fixed 3"
+        err = r.stderr.decode()
+        assert "corrected 3 record(s), 1 failed" in err and "1 empty" in err
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", input=records(2))
+        assert r.returncode == 1 and lines(r.stdout)[0]["corrected"] == "fixed 0"
+        assert "null text" in r.stderr.decode()  # --on-error fail: a one-line error, no traceback
+        assert "Traceback" not in r.stderr.decode()
+
+
+def test_loop_guard_cuts_a_looping_answer_as_local_backends_stop(tiny_llama_dir):
+    """A looping answer is cut where the local backends stop (the first multiple of 8 tokens
+    whose tail loops), on the --tokenizer's ids, or on words without one; finish_reason loop."""
+    loop = "Thanks for asking. " + "I am here to help you with that. " * 30
+    with FaultServer(lambda p: loop) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", input=records(1))
+        words = lines(r.stdout)[0]
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--tokenizer", str(tiny_llama_dir), "-q",
+                    input=records(1))
+        toks = lines(r.stdout)[0]
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--no-loop-guard", "-q", input=records(1))
+        whole = lines(r.stdout)[0]
+    assert whole["corrected"] == loop.strip() and whole["metaalign"]["finish_reason"] == "stop"
+    n = loop_cut(loop.split())
+    assert words["metaalign"]["finish_reason"] == "loop" and words["corrected"] == " ".join(loop.split()[:n])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    ids = tok(loop, add_special_tokens=False)["input_ids"]
+    cut = loop_cut(ids)
+    assert toks["metaalign"]["finish_reason"] == "loop" and toks["corrected"] == tok.decode(ids[:cut]).strip()
+    assert len(toks["corrected"]) < len(whole["corrected"]) and toks["metaalign"]["tokenizer"] == str(tiny_llama_dir)
+
+
+def test_tokenizer_fits_prompts_to_max_model_len(tiny_llama_dir):
+    """With --tokenizer and --max-model-len the query is cut from its start before sending, so
+    the prompt the server gets fits: prompt tokens + max_new_tokens <= max_model_len."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    long_q = "".join(f"\n\nHuman: Tell me fact number {i} about owls.\n\nAssistant: Owls fact {i}." for i in range(60))
+    rec = json.dumps({"id": "long", "query": long_q + "\n\nHuman: And one more?", "response": "No."}) + "\n"
+    with FaultServer(echo_id) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-t", "hh-rlhf", "--prompt-format", "raw", "--tokenizer", str(tiny_llama_dir),
+                    "--max-model-len", "512", "--max-new-tokens", "64", "-q", input=rec)
+        assert r.returncode == 0, r.stderr.decode()
+        sent = srv.bodies[0]["prompt"]
+        r2 = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-t", "hh-rlhf", "--prompt-format", "raw", "-q", input=rec)
+        whole = srv.bodies[1]["prompt"]
+    out = lines(r.stdout)[0]
+    n = len(tok(sent)["input_ids"])
+    assert n + 64 <= 512 < len(tok(whole)["input_ids"]) + 64
+    assert out["metaalign"]["truncated_query_chars"] > 0 and out["metaalign"]["max_model_len"] == 512
+    assert sent.count("Human:") < whole.count("Human:") and "And one more?" in sent
+    assert lines(r2.stdout)[0]["metaalign"].get("truncated_query_chars") is None
+
+
+def test_timeout_and_retries_flags():
+    """--timeout gives up on a slow answer; --retries 0 then fails the record, --retries 1 asks
+    again and gets it."""
+    def slow_first(prompt, n):
+        return "slow" if n == 0 else None
+
+    with FaultServer(echo_id, slow_first, slow_s=3.0) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--timeout", "0.5", "--retries", "0",
+                    "--on-error", "keep", "-q", input=records(1))
+        assert r.returncode == 1 and "generation failed: APITimeoutError" in lines(r.stdout)[0]["error"]
+    with FaultServer(echo_id, slow_first, slow_s=3.0) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--timeout", "0.5", "--retries", "1",
+                    "-q", input=records(1))
+        assert r.returncode == 0 and lines(r.stdout)[0]["corrected"] == "fixed 0" and srv.requests == 2
+
+
+def test_backend_options_are_declared_and_checked():
+    """openai and anthropic declare their options (pydantic, extra='forbid'): an unknown one,
+    or one meant for another backend, is an error naming it; bad values name the option."""
+    from pydantic import ValidationError
+
+    from metaalign_cli.backends import BACKENDS, backend_class
+    from metaalign_cli.errors import ConfigError
+
+    for name in BACKENDS:
+        if name == "vllm":
+            continue  # tests/test_vllm.py (its module imports only where vLLM is installed)
+        opts = backend_class(name).Options
+        assert all(f.description for f in opts.model_fields.values()), name
+        with pytest.raises(ValidationError):
+            opts(bogus=1)
+    with FaultServer(echo_id) as srv:
+        be = create_backend("openai", None, base_url=srv.url, concurrency=3)
+        assert be.model_id == "fake-judge" and be.chunk_size(1, 3) == 3 and be.context_length() is None
+        with pytest.raises(ConfigError, match=r"the openai backend does not take option 'n_ctx'"):
+            create_backend("openai", None, base_url=srv.url, n_ctx=512)
+        with pytest.raises(ConfigError, match="the openai backend does not take option 'concurency'"):
+            create_backend("openai", None, base_url=srv.url, concurency=3)
+        with pytest.raises(ConfigError, match="openai backend option 'timeout'"):
+            create_backend("openai", None, base_url=srv.url, timeout=0)
+        g = be.generate([Prompt("Question 5?"), Prompt("Question 6?", chat=True)], GenerationSettings(max_new_tokens=8))
+        assert [x.text for x in g] == ["fixed 5", "fixed 6"]
+        be.close()
