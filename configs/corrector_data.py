@@ -98,6 +98,13 @@ def test_queries() -> tuple[set[str], set[str]]:
     return full, first
 
 
+def usable_chosen(text: str, min_words: int) -> bool:
+    """An HH-RLHF chosen turn good enough as a target or a kept answer: at least ``min_words``
+    words, and not a short question back ("What do you mean?": a quarter of the chosen turns)."""
+    words = len(text.split())
+    return words >= min_words and not (text.strip().endswith("?") and words < 25)
+
+
 def pick_safe_target(answers: dict[str, dict], rng: random.Random) -> tuple[str, str] | None:
     """The target for a red-team prompt: among answers with safety score 5 and 20-220 words,
     one that does not open with a refusal if there is one (a safe answer that explains and
@@ -279,12 +286,12 @@ def cmd_build(a) -> None:
             tgt = r.get(target_key)
             if not tgt or len(tgt.split()) > max_words or not r["response"].strip():
                 continue
+            if name == "hh" and not usable_chosen(tgt, a.min_chosen_words):
+                continue
             objs = HH_OBJECTIVES if name != "general" else rng.sample(MA_OBJECTIVES, rng.randint(1, 4))
             fix[name].append(ren.row(f"fix:{r['id']}", "fix", r["query"], r["response"], tgt, objs,
                                      {"pool": name, "id": r["id"], "weak_finish": r.get("finish_reason")}))
     # keep: an answer that is already good -> itself
-    weak_ids = {name: {r["id"] for r in read_jsonl(weak / f"{name}.jsonl")} if (weak / f"{name}.jsonl").exists() else set()
-                for name in ("hh", "redteam", "general")}
     for r in read_jsonl(pools / "redteam.jsonl"):
         for m, ans in sorted(r["answers"].items()):
             if str(ans.get("score")) == "5" and 25 <= len(ans["text"].split()) <= max_words and \
@@ -300,9 +307,7 @@ def cmd_build(a) -> None:
                 keep["general"].append(ren.row(f"keep:general-{r['id']}:{key}", "keep", r["query"], t, t, objs,
                                                {"pool": "general", "id": r["id"], "answer": key}))
     for r in read_jsonl(pools / "hh.jsonl"):
-        if f"hh-{r['line']}" in weak_ids["hh"]:
-            pass
-        if 8 <= len(r["chosen"].split()) <= max_words:
+        if usable_chosen(r["chosen"], a.min_chosen_words) and len(r["chosen"].split()) <= max_words:
             keep["hh"].append(ren.row(f"keep:hh-{r['line']}", "keep", r["query"], r["chosen"], r["chosen"], HH_OBJECTIVES,
                                       {"pool": "hh", "line": r["line"]}))
     ma_file = DATA / "multi-aspect" / "just-eval-ultrafeedback-160.jsonl"
@@ -316,7 +321,7 @@ def cmd_build(a) -> None:
                                           c["response"], c["response"], rng.sample(MA_OBJECTIVES, rng.randint(1, 4)),
                                           {"pool": "ma", "line": line_no, "model": c["model"]}))
     pref_hh, pref_ma = pref_rows(ren, pools, exclude, a.seed)
-    pref_hh = [r for r in pref_hh if len(r["target"].split()) <= max_words]
+    pref_hh = [r for r in pref_hh if len(r["target"].split()) <= max_words and usable_chosen(r["target"], a.min_chosen_words)]
     pref_ma = [r for r in pref_ma if len(r["target"].split()) <= max_words and len(r["response"].split()) <= max_words]
     plan = [("fix", "hh", fix["hh"], a.fix_hh), ("fix", "redteam", fix["redteam"], a.fix_redteam),
             ("fix", "general", fix["general"], a.fix_general),
@@ -365,6 +370,8 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--stage", default="preference", choices=["warmup", "equal", "preference"])
     b.add_argument("--max-target-words", type=int, default=300)
+    b.add_argument("--min-chosen-words", type=int, default=12,
+                   help="HH-RLHF chosen turns shorter than this (or short questions back) are not used")
     b.add_argument("--max-refusal-share", type=float, default=None,
                    help="at most this share of each fix/pref part may have a refusal target")
     for kind, pools_ in (("fix", ("hh", "redteam", "general")), ("keep", ("hh", "redteam", "general", "ma")),
