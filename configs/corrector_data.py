@@ -1,4 +1,4 @@
-"""Training data for the shipped corrector (configs/corrector*.yaml; docs/train.md, "The shipped corrector").
+"""Training data for the shipped corrector (configs/corrector*.yaml; docs/corrector.md).
 
 Two steps, both deterministic (seeded), reading only ../shared/data and files made here:
 
