@@ -18,7 +18,8 @@ class ScriptedOptions(BackendOptions):
 class ScriptedBackend(Backend):
     """Answers ``"fixed-<8 hex of the prompt>"`` (or ``answer``), one "token" per word. A
     prompt containing ``FAIL`` fails with a BackendError; ``NULL`` gives a Generation whose
-    text is None (a server answering ``"text": null``); ``EMPTY`` an empty text. Every call's
+    text is None (a server answering ``"text": null``); ``EMPTY`` an empty text; ``LONG``
+    ``max_new_tokens`` words, finish reason ``length``. Every call's
     prompts are recorded in ``ScriptedBackend.calls`` (class attribute, reset per test)."""
 
     name = "scripted"
@@ -46,6 +47,10 @@ class ScriptedBackend(Backend):
                 continue
             if "NULL" in p.text:
                 out.append(Generation(None, 1, 0, "stop"))  # type: ignore[arg-type]
+                continue
+            if "LONG" in p.text:  # runs to the cap
+                out.append(Generation(" ".join(["long"] * settings.max_new_tokens), self.count_prompt_tokens(p),
+                                      settings.max_new_tokens, "length"))
                 continue
             text = "" if "EMPTY" in p.text else (self.answer or "fixed-" + hashlib.sha1(p.text.encode()).hexdigest()[:8])
             out.append(Generation(text, self.count_prompt_tokens(p), len(text.split()), "stop"))

@@ -1,6 +1,7 @@
 """A small OpenAI-compatible judge server on 127.0.0.1 for judge tests, built on http.server.
 
-It answers ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``. What it says is
+It answers ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and Anthropic's
+``/v1/messages``. What it says is
 up to the test: ``answer(prompt) -> str`` gives the judge's answer, and ``fault(prompt, n)``
 (n = how many times this exact prompt was asked before) may return ``"429"`` (Too Many
 Requests with ``Retry-After``), ``"500"`` or any other HTTP status code as a string (``"401"``),
@@ -84,7 +85,7 @@ class FaultServer:
                     pass  # the client timed out and left
 
             def do_GET(self):
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.split("?")[0].rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model", "owned_by": "test"}]})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
@@ -102,8 +103,10 @@ class FaultServer:
             def _post(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 req = json.loads(self.rfile.read(n) or b"{}")
-                chat = self.path.endswith("/chat/completions")
-                prompt = req["messages"][-1]["content"] if chat else req.get("prompt", "")
+                route = self.path.split("?")[0]  # (a query string the client sends with every request)
+                chat = route.endswith("/chat/completions")
+                messages = route.endswith("/messages")  # Anthropic's Messages API
+                prompt = req["messages"][-1]["content"] if chat or messages else req.get("prompt", "")
                 with srv.lock:
                     srv.paths.append(self.path)
                     srv.bodies.append(req)
@@ -125,7 +128,11 @@ class FaultServer:
                     time.sleep(srv.delay_s)
                 text = srv.answer(prompt)
                 usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 1, "total_tokens": len(prompt) // 4 + 1}
-                if chat:
+                if messages:
+                    body = {"id": "m1", "type": "message", "role": "assistant", "model": req.get("model"),
+                            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                            "stop_sequence": None, "usage": {"input_tokens": len(prompt) // 4, "output_tokens": 1}}
+                elif chat:
                     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                     body = {"id": "c1", "object": "chat.completion", "created": 0, "model": "fake-judge",
                             "choices": [choice], "usage": usage}

@@ -54,3 +54,90 @@ def test_chunks_follow_the_backend_and_output_keeps_input_order(scripted_backend
     r = cli("correct", "-b", "scripted", "-O", "helpful", "--batch-size", "3", input=inp)
     assert r.returncode == 0 and [o["id"] for o in rows(r.stdout)] == list(range(7))
     assert [len(c) for c in scripted_backend.calls] == [3, 3, 1]
+
+
+def test_resume_refuses_an_edited_objective_or_template(tmp_path, scripted_backend):
+    """The provenance fingerprints the objective text and the template text: an objective YAML
+    or a template file edited between a run and its `--resume` is refused (before, the file
+    silently mixed records corrected toward the old and the new text)."""
+    (tmp_path / "objs").mkdir()
+    obj = tmp_path / "objs" / "zz.yaml"
+    obj.write_text('name: zz\ndescription: "The response should be short."\n', encoding="utf-8")
+    tpl = tmp_path / "mine.yaml"
+    tpl.write_text('name: mine\nkind: correction\nbetter: "Improve ({aspects}) Q: {question} A: {answer} E: "\n'
+                   'equal: "Same ({aspects}) Q: {question} A: {answer} E: "\n', encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    inp = '{"id": 1, "query": "q", "response": "a"}\n{"id": 2, "query": "q", "response": "b"}\n'
+    args = ["correct", "-b", "scripted", "-O", "zz", "--objectives-dir", str(tmp_path / "objs"), "-t", str(tpl),
+            "-o", str(out)]
+    r = cli(*args, input=inp)
+    assert r.returncode == 0, r.stderr.decode()
+    first = out.read_text().splitlines(keepends=True)[0]
+    prov = json.loads(first)["metaalign"]
+    assert len(prov["objectives_sha"]) == 16 and len(prov["template_sha"]) == 16
+    out.write_text(first)
+    obj.write_text('name: zz\ndescription: "The response should be long."\n', encoding="utf-8")
+    r = cli(*args, "--resume", input=inp)
+    assert r.returncode == 2 and "the text of objectives ['zz'] differs" in r.stderr.decode()
+    assert out.read_text() == first  # nothing appended
+    obj.write_text('name: zz\ndescription: "The response should be short."\n', encoding="utf-8")
+    tpl.write_text(tpl.read_text().replace("Improve", "Better"), encoding="utf-8")
+    r = cli(*args, "--resume", input=inp)
+    assert r.returncode == 2 and "template_sha" in r.stderr.decode()
+    tpl.write_text(tpl.read_text().replace("Better", "Improve"), encoding="utf-8")
+    r = cli(*args, "--resume", input=inp)  # both as they were: it resumes
+    assert r.returncode == 0 and [o["id"] for o in rows(out.read_bytes())] == [1, 2]
+
+
+def test_cap_hits_are_counted_and_usage_errors(tmp_path, scripted_backend):
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--max-new-tokens", "8",
+            input='{"query": "q", "response": "a"}\n{"query": "q", "response": "LONG"}\n')
+    assert r.returncode == 0 and ", 1 at the token cap;" in r.stderr.decode()
+    assert [o["metaalign"]["finish_reason"] for o in rows(r.stdout)] == ["stop", "length"]
+    # A --base-url without a scheme is a usage error, not a failed generation.
+    r = cli("correct", "-O", "helpful", "--base-url", "localhost:8000", "-m", "x",
+            input='{"query": "q", "response": "a"}\n')
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr.decode().strip() == ("error: --base-url 'localhost:8000' needs http:// or https:// "
+                                         "(e.g. http://127.0.0.1:8000/v1)")
+    # A config file's value of the wrong type is refused even when a flag overrides it.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_new_tokens: [1, 2]\n", encoding="utf-8")
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-c", str(cfg), "--max-new-tokens", "8",
+            input='{"query": "q", "response": "a"}\n')
+    assert r.returncode == 2 and str(cfg) in r.stderr.decode() and "max_new_tokens" in r.stderr.decode()
+
+
+def test_invalid_json_at_the_end_of_a_line_names_its_column(scripted_backend):
+    line = '{"id": "c", "query": "q", "response": "Madrid"'  # the closing brace missing: column 47
+    r = cli("correct", "-b", "scripted", "-O", "helpful", input=line + "\r\n")
+    assert r.returncode == 2 and r.stderr.decode().strip().endswith(
+        ":1: invalid JSON: Expecting ',' delimiter (column 47)"), r.stderr.decode()
+
+
+def test_resume_refuses_what_is_not_a_metaalign_output(tmp_path, scripted_backend):
+    """`--resume -o /dev/full` read the device forever (14.8 GB before the OOM killer); a copy
+    of the input as -o counted every record as done. Both are usage errors now."""
+    inp = '{"id": 1, "query": "q", "response": "a"}\n{"id": 2, "query": "q", "response": "b"}\n'
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-o", "/dev/full", "--resume", input=inp)
+    assert r.returncode == 2 and r.stderr.decode().strip() == (
+        "error: /dev/full: --resume continues a file metaalign wrote; this is not a regular file")
+    notours = tmp_path / "copy.jsonl"  # (the input file itself as -o is refused before this)
+    notours.write_text(inp, encoding="utf-8")
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(notours), "--resume", input=inp)
+    assert r.returncode == 2 and f"{notours}:1: no 'metaalign' provenance object" in r.stderr.decode()
+    assert notours.read_text(encoding="utf-8") == inp
+    r = cli("judge", "-b", "scripted", "-O", "helpful", "-o", "/dev/full", "--resume", input="")
+    assert r.returncode == 2 and "not a regular file" in r.stderr.decode()
+
+
+def test_malformed_base_urls_are_usage_errors_without_their_secrets():
+    for url, why in [("http://u:CANARY@[::1/v1", "is not a valid URL: Invalid IPv6 URL"),
+                     ("u:CANARY@127.0.0.1:8000/v1", "needs http:// or https://"),
+                     ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range 0-65535"),
+                     ("http:///v1", "names no host")]:
+        for cmd in ("correct", "judge"):
+            r = cli(cmd, "-O", "helpful", "--base-url", url, "-m", "x",
+                    input='{"query": "q", "response": "a", "corrected": "c", "golden": "g"}\n')
+            err = r.stderr.decode()
+            assert r.returncode == 2 and why in err and "CANARY" not in err and err.count("\n") == 1, (cmd, url, err)

@@ -172,3 +172,41 @@ def test_backend_options_are_declared_and_checked():
         g = be.generate([Prompt("Question 5?"), Prompt("Question 6?", chat=True)], GenerationSettings(max_new_tokens=8))
         assert [x.text for x in g] == ["fixed 5", "fixed 6"]
         be.close()
+
+
+def test_lone_surrogates_in_answers_become_u_fffd():
+    """A server answering `"\\ud800"` (valid JSON, not text): the record is written with U+FFFD
+    there and every line is valid UTF-8 (it crashed the writer, losing the whole output)."""
+    with FaultServer(lambda p: "C \ud800 end" if "Question 1?" in p else "x\udc80" if "Question 2?" in p
+                     else echo_id(p)) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", input=records(3))
+    assert r.returncode == 0, r.stderr.decode()
+    r.stdout.decode("utf-8")  # strict: raises on any invalid byte
+    assert [o["corrected"] for o in lines(r.stdout)] == ["fixed 0", "C \ufffd end", "x\ufffd"]
+
+
+def test_base_url_query_is_sent_as_a_query_and_every_key_name_is_masked():
+    """`?x-api-key=...` stays a query string on every request (it was glued into the path:
+    /v1/?x-api-key=Kcompletions), and parameter names that end in key/token are masked."""
+    with FaultServer(echo_id) as srv:
+        url = srv.url + "?x-api-key=CANARY1&subscription-key=CANARY2&model_hint=m"
+        r = run_cli("correct", "--base-url", url, "-O", "harmless", input=records(2))
+    assert r.returncode == 0, r.stderr.decode()
+    assert srv.paths == ["/v1/completions?x-api-key=CANARY1&subscription-key=CANARY2&model_hint=m"] * 2
+    assert b"CANARY" not in r.stdout + r.stderr
+    assert lines(r.stdout)[0]["metaalign"]["base_url"] == (
+        srv.url + "?x-api-key=REDACTED&subscription-key=REDACTED&model_hint=m")
+
+
+def test_anthropic_backend_against_a_local_messages_server():
+    """`-b anthropic` through the installed anthropic client (2.x takes no sampling arguments:
+    they go in the request body) against a local Messages API server."""
+    with FaultServer(echo_id) as srv:
+        r = run_cli("correct", "-b", "anthropic", "--base-url", srv.url.removesuffix("/v1"), "-m", "claude-x",
+                    "-O", "harmless", "--top-k", "5", "-q", input=records(2), env={"ANTHROPIC_API_KEY": "sk-ant-CANARY"})
+    assert r.returncode == 0, r.stderr.decode()
+    assert [o["corrected"] for o in lines(r.stdout)] == ["fixed 0", "fixed 1"]
+    assert srv.paths == ["/v1/messages"] * 2
+    b = srv.bodies[0]
+    assert (b["model"], b["temperature"], b["top_k"], b["max_tokens"]) == ("claude-x", 0.0, 5, 128)
+    assert b"CANARY" not in r.stdout + r.stderr

@@ -118,7 +118,7 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         empty = f", {report.empty} empty" if report.empty else ""
         say(f"corrected {report.corrected} record(s), {report.failed} failed, {report.resumed} already done{earlier}, "
             f"{report.truncated} with the query cut to fit the context, {report.looped} stopped in a repetition "
-            f"loop{empty}; {s['records_per_s'] or 0:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s")
+            f"loop, {report.capped} at the token cap{empty}; {s['records_per_s'] or 0:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s")
     raise typer.Exit(report.exit_code)
 
 

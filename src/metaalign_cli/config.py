@@ -159,12 +159,14 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     if path:
         from metaalign_cli.yamlfiles import load_yaml_mapping
 
-        data.update(load_yaml_mapping(path, f"{cls.__name__} file", empty_ok=True))
+        data.update(load_yaml_mapping(path, "config file", empty_ok=True))
     for k in data:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{src}: unknown key '{k}'{hint}")
+    for k, v in data.items():  # the file's own values are checked even where a flag overrides them
+        coerce(cls, k, v, src)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for k, v in list(data.items()):

@@ -8,6 +8,7 @@ record. Output is written record by record in input order; errors are handled pe
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -63,7 +64,8 @@ class CorrectionOptions:
 class CorrectionReport:
     """Counts of a run: ``written`` records (corrected or kept with ``error``), ``failed``
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
-    cut from the start of the query), ``looped`` (stopped by the loop guard), ``empty``
+    cut from the start of the query), ``looped`` (stopped by the loop guard), ``capped``
+    (stopped by ``max_new_tokens``: finish reason ``length``), ``empty``
     (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``."""
 
     written: int = 0
@@ -72,6 +74,7 @@ class CorrectionReport:
     resumed: int = 0
     truncated: int = 0
     looped: int = 0
+    capped: int = 0
     empty: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
@@ -90,7 +93,7 @@ class CorrectionReport:
         s = self.seconds
         return {"written": self.written, "corrected": self.corrected, "failed": self.failed,
                 "resumed": self.resumed, "failed_before": self.failed_before, "truncated": self.truncated,
-                "looped": self.looped, "empty": self.empty, "generated_tokens": self.generated_tokens,
+                "looped": self.looped, "capped": self.capped, "empty": self.empty, "generated_tokens": self.generated_tokens,
                 "seconds": round(s, 3), "records_per_s": round(self.written / s, 3) if s else None,
                 "tokens_per_s": round(self.generated_tokens / s, 2) if s else None, "model": self.model}
 
@@ -238,6 +241,25 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
     return out, resumed
 
 
+def text_sha(text: str) -> str:
+    """First 16 hex digits of the SHA-256 of ``text`` (UTF-8): what ``--resume`` compares when a
+    name alone does not say what was sent (a template's or an objective's edited text)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def template_sha(template: CorrectionTemplate) -> str:
+    """Fingerprint of a correction template's text (its variants, format and system message)."""
+    return text_sha(json.dumps([template.better, template.equal, template.prompt_format, template.system]))
+
+
+def objectives_sha(objectives: list[Objective], opts: CorrectionOptions) -> str:
+    """Fingerprint of the objective text a record's prompt carries (O of section 3.1, as the
+    template renders it): an objective YAML edited between runs changes it."""
+    return text_sha(render_objectives(objectives, opts.template.name))
+
+
 def first_input_error(items: list[PreparedRecord]) -> InputError | None:
     """The first bad record's error (what ``--on-error fail`` stops on), or None."""
     return next((it.error for it in items if isinstance(it.error, InputError)), None)
@@ -248,6 +270,7 @@ def provenance(backend: Backend, opts: CorrectionOptions) -> dict:
     backend info (model, load options, dtype/device where known; never secrets), template,
     prompt format, generation settings, version."""
     return {**backend.info(), **backend.identity(), "template": opts.template.name,
+            "template_sha": template_sha(opts.template),
             "prompt_format": opts.prompt_format or opts.template.prompt_format,
             "generation": generation_record(opts, backend), "version": __version__}
 
@@ -314,7 +337,8 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
             del out["error"]  # a failure recorded by an earlier `--on-error keep` run of ours, now fixed
         text = g.text.strip()
         out[opts.output_field] = text
-        prov = {**provenance_base, "objectives": it.objective_names, "input_line": it.rec.line,
+        prov = {**provenance_base, "objectives": it.objective_names,
+                "objectives_sha": objectives_sha(it.objectives, opts), "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}
         if opts.scale_to_response:
             prov["max_new_tokens"] = it.settings.max_new_tokens
@@ -328,6 +352,7 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
         report.written += 1
         report.corrected += 1
         report.looped += g.finish_reason == "loop"
+        report.capped += g.finish_reason == "length"
         report.generated_tokens += g.completion_tokens or 0
         if on_progress:
             on_progress(report.written + report.failed, report.generated_tokens)
@@ -400,7 +425,7 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
     p = Path(path)
     if not p.is_file():
         return None
-    now = {**backend.identity(), "template": opts.template.name,
+    now = {**backend.identity(), "template": opts.template.name, "template_sha": template_sha(opts.template),
            "prompt_format": opts.prompt_format or opts.template.prompt_format,
            "generation": generation_record(opts, backend)}
     flag = [o.name for o in opts.objectives] if opts.objectives else None
@@ -411,7 +436,9 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         if not isinstance(prov, dict):
             continue
         if not checked_settings:
-            why = provenance_mismatch(prov, now)
+            if "template_sha" not in prov:  # written before templates were fingerprinted
+                now.pop("template_sha")
+            why = provenance_mismatch(prov, now) or objective_text_mismatch(rec, prov, opts, path)
             if why:
                 return why
             checked_settings = True
@@ -421,6 +448,22 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
             checked_objectives = True
         if checked_objectives:
             return None
+    return None
+
+
+def objective_text_mismatch(rec: dict, prov: dict, opts: CorrectionOptions, path: str) -> str | None:
+    """Whether a corrected record's objective text (``objectives_sha`` in its provenance) differs
+    from what the same objectives render to now (an objective YAML edited between runs); None
+    when they agree, the record names objectives no longer known, or the file is older."""
+    if "objectives_sha" not in prov:
+        return None
+    try:
+        objs = record_objectives(SourceRecord(str(path), 0, rec), opts) if "objectives" in rec else \
+            opts.objective_set.resolve(prov.get("objectives") or [])
+    except (InputError, UnknownNameError, ValueError):
+        return None
+    if objectives_sha(objs, opts) != prov["objectives_sha"]:
+        return f"the text of objectives {[o.name for o in objs]!r} differs from what the file was corrected toward"
     return None
 
 

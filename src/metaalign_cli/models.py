@@ -150,10 +150,28 @@ def resolve_model(spec: ModelSpec, role: Role = "corrector") -> ResolvedModel:
     if spec.base_url:
         if r.backend not in SERVER_BACKENDS:
             raise ConfigError(f"--base-url is for the {' and '.join(SERVER_BACKENDS)} backends, not {r.backend}")
+        check_base_url(spec.base_url)
         options["base_url"] = spec.base_url
     opts = validate_options(r.backend, options)
     r.options = {k: v for k, v in opts.model_dump().items() if k in options}
     return r
+
+
+def check_base_url(url: str) -> None:
+    """Raises ConfigError (naming ``--base-url``, credentials masked) for a server URL that is
+    not ``http(s)://host[:port]/...`` (no scheme, no host, a bad port or bracketed address)."""
+    from urllib.parse import urlsplit
+
+    shown = redact_url(url)
+    if not url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"--base-url {shown!r} needs http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parses the port: ValueError when it is not a number in range)
+    except ValueError as e:
+        raise ConfigError(f"--base-url {shown!r} is not a valid URL: {e}") from None
+    if not parts.hostname:
+        raise ConfigError(f"--base-url {shown!r} names no host")
 
 
 def spec_from_config(cfg, role: Role = "corrector") -> ModelSpec:

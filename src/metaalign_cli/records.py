@@ -240,7 +240,7 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the JSON
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")  # so an error at the end has this line's column
             except UnicodeDecodeError as e:
                 yield SourceRecord(src, lineno, None, _utf8_error(raw, e, src, lineno))
                 continue
@@ -421,9 +421,14 @@ def _content_text(content: str | list, rec: SourceRecord, where: str) -> str:
     return "\n".join(texts)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def dumps(record: dict) -> str:
-    """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``)."""
-    return json.dumps(record, ensure_ascii=False)
+    """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``), except lone
+    UTF-16 surrogates (a server may answer ``"\\ud800"``: valid JSON, not encodable as UTF-8),
+    which become U+FFFD so every line written is valid UTF-8."""
+    return _LONE_SURROGATE.sub("\ufffd", json.dumps(record, ensure_ascii=False))
 
 
 class JsonlWriter:
@@ -478,7 +483,12 @@ def _truncate_partial_line(path: Path) -> None:
 
 def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON or None when it does not parse) for each complete line of an
-    output file, for `--resume`; a partial last line (a killed run's) is not read."""
+    output file, for `--resume`; a partial last line (a killed run's) is not read.
+
+    Raises InputError for a path that is not a regular file (a device such as /dev/full
+    would be read forever)."""
+    if not Path(path).is_file():
+        raise InputError("--resume continues a file metaalign wrote; this is not a regular file", source=str(path))
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n"):
@@ -518,6 +528,9 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
         if not isinstance(rec, dict):
             raise InputError("not a JSONL record: --resume only continues a file metaalign wrote",
                              source=str(p), line=lineno)
+        if not isinstance(rec.get(key_field), dict):
+            raise InputError(f"no '{key_field}' provenance object: --resume only continues a file metaalign wrote "
+                             "(is -o the input file?)", source=str(p), line=lineno)
         if rec.get("id") is not None:
             done.keys[f"id:{rec['id']}"] += 1
         else:

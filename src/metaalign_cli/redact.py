@@ -6,8 +6,9 @@ import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Query parameters that carry credentials (compared in lower case, '-' and '_' alike).
-_SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|access[-_]?token|auth|password|passwd|secret|sig|signature"
-                            r"|client[-_]?secret|code)$", re.IGNORECASE)
+# A name that ends in one of these is a secret (``x-api-key``, ``subscription-key``, ``private_key``).
+_SECRET_PARAMS = re.compile(r"(key|token|auth|authorization|password|passwd|pwd|secret|sig|signature|code|credential"
+                            r"|credentials|session)$", re.IGNORECASE)
 MASK = "REDACTED"
 
 
@@ -22,9 +23,11 @@ def redact_url(url: str | None) -> str | None:
         parts = urlsplit(url)
     except ValueError:
         return re.sub(r"//[^/@\s]*@", "//", url)
+    if not parts.netloc:  # no scheme: 'user:password@host/v1' parses as a scheme and a path
+        return re.sub(r"^[^/@\s]*@", "", re.sub(r"//[^/@\s]*@", "//", url))
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if _SECRET_PARAMS.match(k) else v) for k, v in pairs], safe=MASK)
+        query = urlencode([(k, MASK if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe=MASK)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt
-from metaalign_cli.backends.server import ServerBackend, ServerOptions
+from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -36,22 +37,29 @@ class AnthropicBackend(ServerBackend):
         if not model:
             raise MetaAlignError("the anthropic backend needs --model (e.g. claude-sonnet-4-5)")
         self._anthropic = anthropic
-        self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=retries, timeout=timeout)
+        url, query = split_query(base_url)
+        self.client = anthropic.Anthropic(api_key=key, base_url=url, default_query=query, max_retries=retries,
+                                          timeout=timeout)
         self.model_id = model
         self.base_url = base_url
+        self._sdk_sampling = "temperature" in inspect.signature(self.client.messages.create).parameters
         self.concurrency = max(1, int(concurrency))
 
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
-        kw = dict(model=self.model_id, max_tokens=s.max_new_tokens, temperature=s.temperature,
-                  messages=[{"role": "user", "content": p.text}])
+        kw: dict = dict(model=self.model_id, max_tokens=s.max_new_tokens, messages=[{"role": "user", "content": p.text}])
+        sampling: dict = {"temperature": s.temperature}
         if p.system:
             kw["system"] = p.system
         if s.stop:
             kw["stop_sequences"] = list(s.stop)
         if s.top_k:
-            kw["top_k"] = s.top_k
+            sampling["top_k"] = s.top_k
         if s.top_p < 1.0:
-            kw["top_p"] = s.top_p
+            sampling["top_p"] = s.top_p
+        if self._sdk_sampling:
+            kw.update(sampling)
+        else:  # SDKs from 2.x take no sampling arguments; the Messages API body still names them so
+            kw["extra_body"] = sampling
         try:
             r = self.client.messages.create(**kw)
         except self._anthropic.AnthropicError as e:

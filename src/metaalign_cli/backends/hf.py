@@ -164,7 +164,8 @@ class TransformersBackend(Backend):
                                                                   device_map=self.device_map, **kw)
             self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         except (OSError, ValueError, ImportError) as e:
-            raise MetaAlignError(f"{model}: cannot load model: {str(e).splitlines()[0]}") from None
+            hint = "" if Path(str(model)).exists() else f" ({not_found_hint()})"
+            raise MetaAlignError(f"{model}: cannot load model{hint}: {str(e).splitlines()[0]}") from None
         self.model.eval()
         # Inputs go where the first layer is (a device_map "auto" model starts on cuda:0).
         self.input_device = self.model.device
@@ -302,3 +303,14 @@ def _loop_criteria(prompt_width: int):
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([LoopGuard()])
+
+
+def not_found_hint() -> str:
+    """What a model name that is not a local path was looked up as, for the load error: the
+    installed correctors (by name) and the hub."""
+    from metaalign_cli.correctors import models_dir
+
+    d = models_dir()
+    names = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    have = f"installed: {', '.join(names)}" if names else "none installed"
+    return f"not a local path, not an installed corrector ({have}; `metaalign export RUN --install NAME`), tried as a hub id"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 
 from pydantic import Field
 
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, loop_cut
-from metaalign_cli.backends.server import ServerBackend, ServerOptions
+from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
 from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.redact import redact_url
 
@@ -53,7 +54,8 @@ class OpenAIBackend(ServerBackend):
         self.base_url = base_url
         self.self_hosted = bool(base_url) and "api.openai.com" not in base_url
         self.concurrency = self.options.concurrency
-        self.client = openai.OpenAI(api_key=key or "sk-no-key", base_url=base_url,
+        url, query = split_query(base_url)
+        self.client = openai.OpenAI(api_key=key or "sk-no-key", base_url=url, default_query=query,
                                     max_retries=retries, timeout=timeout)
         self._openai = openai
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
@@ -98,14 +100,19 @@ class OpenAIBackend(ServerBackend):
         try:
             if p.chat:
                 r = self.client.chat.completions.create(messages=p.messages(), **common)
-                ch = r.choices[0] if r.choices else None
-                text = ch.message.content if ch is not None and ch.message is not None else None
             else:
                 r = self.client.completions.create(prompt=p.text, **common)
-                ch = r.choices[0] if r.choices else None
-                text = ch.text if ch is not None else None
         except self._openai.OpenAIError as e:
             raise BackendError(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+        except ValueError as e:  # a body that is not JSON (the client's json.loads)
+            raise BackendError(f"the server's answer is not JSON ({e}) (model {self.model_id})") from e
+        if not hasattr(r, "choices"):  # e.g. an HTML page with status 200
+            raise BackendError(f"the server's answer is not a completion (a {type(r).__name__}) (model {self.model_id})")
+        ch = r.choices[0] if r.choices else None
+        if p.chat:
+            text = ch.message.content if ch is not None and ch.message is not None else None
+        else:
+            text = ch.text if ch is not None else None
         if not isinstance(text, str):
             what = "no choice" if ch is None else "null text" if text is None else f"a {type(text).__name__} as text"
             raise BackendError(f"the server answered {what} (model {self.model_id})")
@@ -159,10 +166,17 @@ def count_tokens(tokenizer, prompt: Prompt) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
     """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
     backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
-    whitespace-separated words without one) and set ``finish_reason`` to ``loop``."""
+    whitespace-separated words without one) and set ``finish_reason`` to ``loop``. Lone UTF-16
+    surrogates in the answer (valid JSON, not text) become U+FFFD first."""
+    if isinstance(g.text, str) and _LONE_SURROGATE.search(g.text):
+        g = Generation(_LONE_SURROGATE.sub("\ufffd", g.text), g.prompt_tokens, g.completion_tokens,
+                       g.finish_reason, g.extra)
     if not s.loop_guard or not g.text:
         return g
     if tokenizer is not None:
@@ -172,8 +186,6 @@ def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Genera
             return g
         text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
         return Generation(text, g.prompt_tokens, cut, "loop", g.extra)
-    import re
-
     spans = [m.span() for m in re.finditer(r"\S+", g.text)]
     cut = loop_cut([g.text[a:b] for a, b in spans])
     if cut is None:

@@ -10,6 +10,20 @@ from metaalign_cli.backends.base import Backend, BackendOptions, Generation, Gen
 from metaalign_cli.redact import redact_url
 
 
+def split_query(base_url: str | None) -> tuple[str | None, dict | None]:
+    """(``base_url`` without its query string, the query's parameters or None): clients append
+    paths to the base URL, so a ``?api-key=...`` left in it would be sent inside the path; it
+    goes to the client as a default query instead, sent with every request."""
+    if not base_url:
+        return base_url, None
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(base_url)
+    if not parts.query:
+        return base_url, None
+    return urlunsplit(parts._replace(query="")), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
 class ServerOptions(BackendOptions):
     """Options of a backend that talks to a server over HTTP."""
 
