@@ -141,3 +141,12 @@ def test_malformed_base_urls_are_usage_errors_without_their_secrets():
                     input='{"query": "q", "response": "a", "corrected": "c", "golden": "g"}\n')
             err = r.stderr.decode()
             assert r.returncode == 2 and why in err and "CANARY" not in err and err.count("\n") == 1, (cmd, url, err)
+
+
+def test_an_id_that_is_not_a_string_or_integer_is_refused_as_judge_does(scripted_backend):
+    for rid in ('{"x": 1}', "[1]", "true", "1.5"):
+        r = cli("correct", "-b", "scripted", "-O", "helpful", input='{"id": ' + rid + ', "query": "q", "response": "a"}\n')
+        assert r.returncode == 2 and r.stdout == b"", rid
+        assert ":1: field 'id': expected a string or integer id, got" in r.stderr.decode(), r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", input='{"id": 7, "query": "q", "response": "a"}\n')
+    assert r.returncode == 0

@@ -233,6 +233,10 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
             it.error = rec.error
         else:
             try:
+                rid = rec.data.get("id")
+                if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+                    raise InputError(f"expected a string or integer id, got {type(rid).__name__}",
+                                     rec.source, rec.line, "id")  # as judge says: --resume keys on it
                 it.question, it.answer = extract_query_response(rec, opts.query_field, opts.response_field)
                 it.objectives = record_objectives(rec, opts)
             except InputError as e:
