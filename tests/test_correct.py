@@ -61,10 +61,13 @@ def test_objectives_command_lists_and_rejects():
     assert "unknown objective 'helpfull'; did you mean helpful" in r.stderr.decode()
 
 
-def test_correct_real_gguf_two_records():
-    """The embedded default (real SmolLM2 GGUF through llama.cpp) corrects 2 records."""
+@pytest.mark.parametrize("model", [None, "smollm2"])
+def test_correct_real_gguf_two_records(model):
+    """The default (the shipped corrector: the embedded SmolLM2 GGUF with the package's LoRA,
+    raw prompts) and `--model smollm2` (the same base prompted zero-shot in its chat template)
+    correct 2 records through llama.cpp."""
     r = run_cli("correct", "--objectives", "harmless,helpful", "--template", "hh-rlhf", "--max-new-tokens", "24",
-                input=two_records())
+                *(["--model", model] if model else []), input=two_records())
     assert r.returncode == 0, r.stderr.decode()
     out = lines(r.stdout)
     src = lines(two_records().encode())
@@ -75,10 +78,15 @@ def test_correct_real_gguf_two_records():
         m = o["metaalign"]
         assert m["backend"] == "llama-cpp" and m["model"].endswith(".gguf")
         assert m["objectives"] == ["harmless", "helpful"] and m["template"] == "hh-rlhf"
-        assert m["prompt_format"] == "chat" and m["generation"]["max_new_tokens"] == 24
+        assert m["prompt_format"] == ("chat" if model else "raw") and m["generation"]["max_new_tokens"] == 24
+        if model:
+            assert "lora_path" not in m
+        else:
+            assert m["lora_path"].endswith("data/corrector/metaalign-smollm2-lora-f16.gguf")
         assert m["generation"]["repeat_penalty"] == 1.0
         assert m["quant"] == "q8_0"  # --quant auto: the embedded Q4_1 loads re-quantized to Q8_0
     assert "corrected 2 record(s)" in r.stderr.decode()
+    assert ("prompted zero-shot" if model else "using the shipped corrector") in r.stderr.decode()
 
 
 def test_llamacpp_greedy_matches_manual_call(smollm2_gguf):

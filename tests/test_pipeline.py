@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli
+from pathlib import Path
+
+from conftest import REPO, cli
 
 from metaalign_cli.correction import response_cap
 
@@ -150,3 +152,19 @@ def test_an_id_that_is_not_a_string_or_integer_is_refused_as_judge_does(scripted
         assert ":1: field 'id': expected a string or integer id, got" in r.stderr.decode(), r.stderr.decode()
     r = cli("correct", "-b", "scripted", "-O", "helpful", input='{"id": 7, "query": "q", "response": "a"}\n')
     assert r.returncode == 0
+
+
+def test_the_shipped_corrector_is_a_small_gguf_lora_on_the_embedded_base():
+    """The package ships `metaalign train`'s GGUF LoRA (configs/corrector-d.yaml) and its card:
+    f16, at most ~10 MB, on the embedded SmolLM2 with the raw hh-rlhf prompts it was trained on."""
+    from metaalign_cli.backends import default_model_path
+    from metaalign_cli.correctors import read_card, shipped_corrector
+
+    d = shipped_corrector()
+    assert d is not None
+    card = read_card(d)
+    lora = Path(card["lora"])
+    assert lora.parent == d and lora.stat().st_size <= 10 * 2**20
+    assert lora.read_bytes()[:4] == b"GGUF"
+    assert card["gguf"] == str(default_model_path()) and (card["template"], card["prompt_format"]) == ("hh-rlhf", "raw")
+    assert card["recipe"].startswith("configs/corrector-d.yaml") and (REPO / "configs" / "corrector-d.yaml").is_file()
