@@ -136,6 +136,8 @@ def test_resume_refuses_what_is_not_a_metaalign_output(tmp_path, scripted_backen
 def test_malformed_base_urls_are_usage_errors_without_their_secrets():
     for url, why in [("http://u:CANARY@[::1/v1", "is not a valid URL: Invalid IPv6 URL"),
                      ("u:CANARY@127.0.0.1:8000/v1", "needs http:// or https://"),
+                     ("u:CANARY@host:8000/v1?x-api-key=CANARY", "'host:8000/v1?x-api-key=REDACTED' needs http://"),
+                     ("http://[::1/v1?subscription-key=CANARY&v=1", "'http://[::1/v1?subscription-key=REDACTED&v=1' is not"),
                      ("http://127.0.0.1:99999/v1", "is not a valid URL: Port out of range 0-65535"),
                      ("http:///v1", "names no host")]:
         for cmd in ("correct", "judge"):

@@ -22,12 +22,20 @@ def redact_url(url: str | None) -> str | None:
     try:
         parts = urlsplit(url)
     except ValueError:
-        return re.sub(r"//[^/@\s]*@", "//", url)
+        return _mask_query_text(re.sub(r"//[^/@\s]*@", "//", url))
     if not parts.netloc:  # no scheme: 'user:password@host/v1' parses as a scheme and a path
-        return re.sub(r"^[^/@\s]*@", "", re.sub(r"//[^/@\s]*@", "//", url))
+        return _mask_query_text(re.sub(r"^[^/@\s]*@", "", re.sub(r"//[^/@\s]*@", "//", url)))
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, MASK if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe=MASK)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _mask_query_text(text: str) -> str:
+    """Secret query parameters masked in text that does not parse as a URL (``?api-key=K`` ->
+    ``?api-key=REDACTED``)."""
+    return re.sub(r"([?&;])([^=&#?;]*)=([^&#;]*)",
+                  lambda m: f"{m.group(1)}{m.group(2)}={MASK if _SECRET_PARAMS.search(m.group(2)) else m.group(3)}",
+                  text)
