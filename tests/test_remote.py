@@ -174,7 +174,7 @@ def test_backend_options_are_declared_and_checked():
         be.close()
 
 
-def test_lone_surrogates_in_answers_become_u_fffd():
+def test_lone_surrogates_in_answers_become_u_fffd(tmp_path):
     """A server answering `"\\ud800"` (valid JSON, not text): the record is written with U+FFFD
     there and every line is valid UTF-8 (it crashed the writer, losing the whole output)."""
     with FaultServer(lambda p: "C \ud800 end" if "Question 1?" in p else "x\udc80" if "Question 2?" in p
@@ -183,6 +183,16 @@ def test_lone_surrogates_in_answers_become_u_fffd():
     assert r.returncode == 0, r.stderr.decode()
     r.stdout.decode("utf-8")  # strict: raises on any invalid byte
     assert [o["corrected"] for o in lines(r.stdout)] == ["fixed 0", "C \ufffd end", "x\ufffd"]
+    # The judge's raw answer too, through its SQLite cache (which cannot store a lone surrogate).
+    src = tmp_path / "j.jsonl"
+    src.write_text(json.dumps({"id": "j", "query": "Q?", "golden": "g", "response": "r", "corrected": "c"}) + "\n",
+                   encoding="utf-8")
+    with FaultServer(lambda p: "1\udc80") as srv:
+        r = run_cli("judge", str(src), "-O", "harmless", "--base-url", srv.url, "-m", "fake", "--retries", "0",
+                    "--cache", str(tmp_path / "c.sqlite"), "-q")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr.decode(), r.stderr.decode()
+    rows = lines(r.stdout)  # strict UTF-8
+    assert len(rows) == 2 and {j["raw_answer"] for x in rows for j in x["judgments"]} == {"1\ufffd"}
 
 
 def test_base_url_query_is_sent_as_a_query_and_every_key_name_is_masked():

@@ -28,6 +28,12 @@ RESPONSE_FIELDS = ("response", "answer", "output", "generated_text", "completion
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (valid in JSON as ``"\\ud800"``, not encodable as
+    UTF-8) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
                list: "array", dict: "object"}
 
@@ -130,7 +136,7 @@ def _scrub(value: Any, path: str, found: list[str]) -> Any:
     if isinstance(value, str):
         if _SURROGATE.search(value):
             found.append(path)
-            return _SURROGATE.sub("\ufffd", value)
+            return replace_surrogates(value)
         return value
     if isinstance(value, dict):
         return {k: _scrub(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()}
@@ -421,14 +427,11 @@ def _content_text(content: str | list, rec: SourceRecord, where: str) -> str:
     return "\n".join(texts)
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def dumps(record: dict) -> str:
-    """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``), except lone
-    UTF-16 surrogates (a server may answer ``"\\ud800"``: valid JSON, not encodable as UTF-8),
-    which become U+FFFD so every line written is valid UTF-8."""
-    return _LONE_SURROGATE.sub("\ufffd", json.dumps(record, ensure_ascii=False))
+    """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``). Input
+    records are scrubbed of lone surrogates when read (:func:`_scrub`), server answers when
+    received (:func:`metaalign_cli.backends.openai_api.guard_remote`)."""
+    return json.dumps(record, ensure_ascii=False)
 
 
 class JsonlWriter:

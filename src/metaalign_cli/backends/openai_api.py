@@ -10,6 +10,7 @@ from pydantic import Field
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, loop_cut
 from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
 from metaalign_cli.errors import MetaAlignError
+from metaalign_cli.records import replace_surrogates
 from metaalign_cli.redact import redact_url
 
 
@@ -166,17 +167,13 @@ def count_tokens(tokenizer, prompt: Prompt) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
     """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
     backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
     whitespace-separated words without one) and set ``finish_reason`` to ``loop``. Lone UTF-16
     surrogates in the answer (valid JSON, not text) become U+FFFD first."""
-    if isinstance(g.text, str) and _LONE_SURROGATE.search(g.text):
-        g = Generation(_LONE_SURROGATE.sub("\ufffd", g.text), g.prompt_tokens, g.completion_tokens,
-                       g.finish_reason, g.extra)
+    if isinstance(g.text, str) and (clean := replace_surrogates(g.text)) != g.text:
+        g = Generation(clean, g.prompt_tokens, g.completion_tokens, g.finish_reason, g.extra)
     if not s.loop_guard or not g.text:
         return g
     if tokenizer is not None:
