@@ -45,6 +45,21 @@ def test_concurrency_alone_puts_that_many_requests_in_flight():
     assert srv.max_in_flight == 8 and srv.requests == 24
 
 
+def test_concurrency_holds_with_a_cap_per_record():
+    """With `--max-new-tokens auto` every record of another length has its own cap; the
+    requests still go out `--concurrency` at a time (grouping by cap sent them one by one)."""
+    recs = "".join(json.dumps({"id": f"r{i}", "query": f"Question {i}?", "response": "word " * (60 * i + 1)}) + "\n"
+                   for i in range(16))
+    with FaultServer(echo_id, delay_s=0.3) as srv:
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--concurrency", "8", "-q", input=recs)
+    assert r.returncode == 0, r.stderr.decode()
+    out = lines(r.stdout)
+    assert [o["corrected"] for o in out] == [f"fixed {i}" for i in range(16)]
+    caps = [o["metaalign"]["max_new_tokens"] for o in out]
+    assert len(set(caps)) > 8 and [b["max_tokens"] for b in sorted(srv.bodies, key=lambda b: b["max_tokens"])] == sorted(caps)
+    assert srv.max_in_flight == 8
+
+
 def test_self_hosted_servers_get_top_k_both_penalty_names_and_repetition_detection():
     with FaultServer(echo_id) as srv:
         r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--top-k", "7", "--repeat-penalty", "1.2",

@@ -6,6 +6,7 @@ Kept free of heavy imports: torch, transformers and llama_cpp load only inside b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from contextlib import contextmanager
@@ -101,21 +102,12 @@ def quiet_libraries(quiet: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class NoProgress:
-    """Stands in for a rich Progress when there is no bar to draw (``with ... as prog``: None)."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 def progress_bar(quiet: bool, *columns):
     """A rich Progress on stderr with ``columns`` after the description and bar, or
-    :class:`NoProgress` when quiet or when stderr is not a terminal."""
+    ``contextlib.nullcontext()`` (``with ... as prog``: None) when quiet or when stderr is not a
+    terminal."""
     if quiet or not sys.stderr.isatty():
-        return NoProgress()
+        return contextlib.nullcontext()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(), console=console)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +61,15 @@ def config_fields(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # (resolves every annotation of the class: once per class)
+
+
 def field_kind(f: dataclasses.Field, cls) -> str:
     """``str``, ``int``, ``float``, ``bool`` or ``list`` (of strings): the value type of a
     config field, from its annotation (``X | None`` counts as X)."""
-    hints = typing.get_type_hints(cls)
-    t = hints[f.name]
+    t = _type_hints(cls)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     base = args[0] if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else t
     if typing.get_origin(base) is list or base is list:
@@ -165,12 +170,10 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{src}: unknown key '{k}'{hint}")
-    for k, v in data.items():  # the file's own values are checked even where a flag overrides them
-        coerce(cls, k, v, src)
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data = {k: coerce(cls, k, v, src) for k, v in data.items()}  # checked even where a flag overrides it
+    data.update({k: coerce(cls, k, v, src) for k, v in (overrides or {}).items() if v is not None})
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for k, v in list(data.items()):
-        v = coerce(cls, k, v, src)
         if meta[k].get("choices") and isinstance(v, str):
             v = v.lower()
         data[k] = v
@@ -184,22 +187,6 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             raise ConfigError(f"{flag_of(cls, e.key)} {e.message}") from None
         raise ConfigError(f"{src}: key '{e.key}': {e.message}") from None
     return cfg
-
-
-def explicit(cfg) -> dict[str, Any]:
-    """The fields of ``cfg`` that differ from the class defaults (what the user set)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else None)
-        if getattr(cfg, f.name) != default:
-            out[f.name] = getattr(cfg, f.name)
-    return out
-
-
-def to_dict(cfg) -> dict:
-    """A config as a plain dict (YAML-safe; re-loadable with :func:`load_config`)."""
-    return dataclasses.asdict(cfg)
 
 
 # ------------------------------------------------------------------------------------ shared knobs

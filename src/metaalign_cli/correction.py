@@ -20,7 +20,8 @@ from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
-from metaalign_cli.records import JsonlWriter, SourceRecord, extract_query_response, output_records
+from metaalign_cli.records import (JsonlWriter, SourceRecord, check_record_id, extract_query_response,
+                                   output_records)
 from metaalign_cli.templates import CorrectionTemplate
 
 if TYPE_CHECKING:
@@ -233,10 +234,7 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
             it.error = rec.error
         else:
             try:
-                rid = rec.data.get("id")
-                if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-                    raise InputError(f"expected a string or integer id, got {type(rid).__name__}",
-                                     rec.source, rec.line, "id")  # as judge says: --resume keys on it
+                check_record_id(rec)
                 it.question, it.answer = extract_query_response(rec, opts.query_field, opts.response_field)
                 it.objectives = record_objectives(rec, opts)
             except InputError as e:
@@ -313,13 +311,9 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
     replaced: set[str] = set()
 
     def flush() -> None:
-        by_id: dict = {}
-        groups: dict = {}  # records with the same settings (cap) go to the backend together
-        for it in chunk:
-            if it.error is None:
-                groups.setdefault(it.settings, []).append(it)
-        for st, todo in groups.items():
-            by_id.update({id(it): g for it, g in zip(todo, backend.generate([it.prompt for it in todo], st))})
+        todo = [it for it in chunk if it.error is None]  # each with its own settings (cap)
+        by_id = {id(it): g for it, g in zip(todo, backend.generate_each([it.prompt for it in todo],
+                                                                         [it.settings for it in todo]))}
         for it in chunk:
             g = by_id.get(id(it), it.error)
             if isinstance(g, Generation) and not isinstance(g.text, str):

@@ -145,6 +145,16 @@ def _scrub(value: Any, path: str, found: list[str]) -> Any:
     return value
 
 
+def check_record_id(rec: SourceRecord, field: str = "id") -> Any:
+    """The record's id (``rec.data[field]``, or None when it has none); ``--resume`` and the
+    judge's alignment key on it. Raises InputError naming the field for an id that is not a
+    string or an integer (an object, list, boolean or float)."""
+    rid = rec.data.get(field) if rec.data else None
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise InputError(f"expected a string or integer id, got {type(rid).__name__}", rec.source, rec.line, field)
+    return rid
+
+
 def source_name(path: str | os.PathLike | None) -> str:
     return "<stdin>" if path in (None, "-") else str(path)
 

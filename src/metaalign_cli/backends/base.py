@@ -141,6 +141,20 @@ class Backend(abc.ABC):
         """One result per prompt, in order: a Generation, or the Exception that failed that
         prompt (a failure never takes another prompt's result)."""
 
+    def generate_each(self, prompts: list[Prompt], settings: list[GenerationSettings]) -> list[Generation | Exception]:
+        """:meth:`generate` with one settings per prompt (``correct``'s response-scaled caps):
+        one result per prompt, in order. Here prompts that share settings go to
+        :meth:`generate` together; backends that can mix settings in one call (a server's
+        request pool, vLLM's per-prompt sampling parameters) override it."""
+        out: list[Generation | Exception] = [RuntimeError("not generated")] * len(prompts)
+        groups: dict[GenerationSettings, list[int]] = {}
+        for i, st in enumerate(settings):
+            groups.setdefault(st, []).append(i)
+        for st, idx in groups.items():
+            for i, g in zip(idx, self.generate([prompts[i] for i in idx], st)):
+                out[i] = g
+        return out
+
     def identity(self) -> dict:
         """What identifies this model's answers: backend, model and the :data:`ANSWER_KEYS` that
         :meth:`info` reports (server, LoRA, re-quantization, dtype, device, batch size...).

@@ -46,16 +46,20 @@ class ServerBackend(Backend):
         raise NotImplementedError
 
     def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
-        def run(p):
+        return self.generate_each(prompts, [settings] * len(prompts))
+
+    def generate_each(self, prompts: list[Prompt], settings: list[GenerationSettings]) -> list[Generation | Exception]:
+        """Every prompt its own request, ``concurrency`` in flight, whatever its settings."""
+        def run(p, s):
             try:
-                return self._one(p, settings)
+                return self._one(p, s)
             except Exception as e:  # one failed request never takes another's result
                 return e
 
-        if self.concurrency == 1 or len(prompts) == 1:
-            return [run(p) for p in prompts]
+        if self.concurrency == 1 or len(prompts) <= 1:
+            return [run(p, s) for p, s in zip(prompts, settings)]
         with ThreadPoolExecutor(min(self.concurrency, len(prompts))) as ex:
-            return list(ex.map(run, prompts))
+            return list(ex.map(run, prompts, settings))
 
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id,

@@ -242,6 +242,11 @@ class VLLMBackend(Backend):
         return SamplingParams(**kw)
 
     def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
+        return self.generate_each(prompts, [settings] * len(prompts))
+
+    def generate_each(self, prompts: list[Prompt], settings: list[GenerationSettings]) -> list[Generation | Exception]:
+        """All prompts in one ``LLM.generate`` call (vLLM's scheduler batches them), each with
+        its own sampling parameters."""
         results: list[Generation | Exception] = [RuntimeError("not generated")] * len(prompts)
         todo: list[tuple[int, list[int]]] = []
         for i, p in enumerate(prompts):
@@ -256,11 +261,11 @@ class VLLMBackend(Backend):
             todo.append((i, ids))
         if not todo:
             return results
-        base = self.sampling_params(settings)
+        base = {st: self.sampling_params(st) for st in set(settings)}
         params = []
-        for _, ids in todo:  # never ask for more tokens than the context has left
-            room = self._max_len - len(ids)
-            params.append(base if settings.max_new_tokens <= room else self.sampling_params(settings, room))
+        for i, ids in todo:  # never ask for more tokens than the context has left
+            st, room = settings[i], self._max_len - len(ids)
+            params.append(base[st] if st.max_new_tokens <= room else self.sampling_params(st, room))
         try:
             outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids in todo], params, use_tqdm=False,
                                      lora_request=self.lora)
@@ -269,7 +274,7 @@ class VLLMBackend(Backend):
                 results[i] = e
             return results
         for (i, ids), out in zip(todo, outs):
-            results[i] = self._generation(out.outputs[0], len(out.prompt_token_ids or ids), settings)
+            results[i] = self._generation(out.outputs[0], len(out.prompt_token_ids or ids), settings[i])
         return results
 
     def _generation(self, c, n_prompt: int, settings: GenerationSettings) -> Generation:

@@ -9,8 +9,8 @@ from typing import Any, Iterable, Literal
 
 from metaalign_cli.errors import InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
-from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, extract_query_response,
-                                   string_field)
+from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, check_record_id,
+                                   extract_query_response, string_field)
 
 Mode = Literal["pairwise", "score"]
 
@@ -65,9 +65,7 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
         if has_ids:
             if d.get(id_field) in (None, ""):
                 raise InputError("missing id (other records have one: alignment is by id)", r.source, r.line, id_field)
-            rid = d[id_field]
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise InputError(f"expected a string or integer id, got {type(rid).__name__}", r.source, r.line, id_field)
+            rid = check_record_id(r, id_field)
         else:
             rid = r.line
         k = json.dumps(rid)

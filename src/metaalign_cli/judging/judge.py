@@ -20,9 +20,6 @@ from metaalign_cli.judging.stats import summarize
 if TYPE_CHECKING:
     from metaalign_cli.config import JudgeConfig
 
-#: The judge settings a resumed file's rows must share with the new run (besides the judge's identity).
-RESUME_KEYS = ("template", "prompt_format", "settings", "seed", "both_orders")
-
 
 @dataclass
 class JudgePlan:

@@ -267,8 +267,9 @@ def dry_run(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, 
     cached = 0
     tokens = 0
     method = "tokenizer"
+    judge = backend.identity()
     for a in asks:
-        key = cache_key(backend.identity(), opts.settings, a.prompt)
+        key = cache_key(judge, opts.settings, a.prompt)
         if cache is not None and cache.contains(key):
             cached += 1
             continue
