@@ -24,6 +24,10 @@ Two steps, both deterministic (seeded), reading only ../shared/data and files ma
 
    - ``fix``: T(q, weak answer, O) -> a good answer (HH chosen turn, the red-team safe target, gpt-4's
      answer): the corrector sees the weak answers it will meet;
+   - ``fix`` from ``samples``: the weak policy's answers to rows 600-999 of the paper's HH-RLHF
+     test CSVs (``metaaligner-samples/hh-rlhf``; neither the development rows 0-599 nor the final
+     test rows 1000+, and no dialogue whose first human turn is one of theirs) -> the strong
+     policies' answer to the same query (:func:`pick_sample_target`);
    - ``keep``: T(q, good answer, O) -> the same answer (identity with the ``better`` prompt: "improve
      this" on an answer that is already good means keep it);
    - ``pref``: Algorithm 1 preference items (:func:`metaalign_cli.dataset.build_dynamic_dataset`)
@@ -119,6 +123,40 @@ def pick_safe_target(answers: dict[str, dict], rng: random.Random) -> tuple[str,
         if m in ok:
             return m, ok[m]
     return None
+
+
+def pick_sample_target(claude: str, gpt35: str, max_words: int) -> tuple[str, str] | None:
+    """The fix target for a ``samples`` row (rows 600-999 of the HH-RLHF sample CSVs): Claude-3's
+    answer when it does not open with a refusal, else gpt-3.5-turbo's when it does not, else
+    Claude-3's refusal (which says why); answers over ``max_words`` words or under 8 are skipped.
+    Returns (model, text) or None."""
+    ok = [(m, t.strip()) for m, t in (("Claude-3", claude), ("gpt-3.5-turbo", gpt35))
+          if t and 8 <= len(t.split()) <= max_words]
+    for m, t in ok:
+        if not is_refusal(t):
+            return m, t
+    return next(((m, t) for m, t in ok if m == "Claude-3"), None)
+
+
+def sample_rows(weak_file: Path) -> list[dict]:
+    """The weak policy's answers to rows 600-999 of Claude-3.csv (bench/weak_policy.py output, ids
+    ``mid-<row>``), each with ``claude`` and ``gpt35``: the two sample CSVs' answers to that row.
+    Rows whose dialogue or first human turn is a development (0-599) or final-test (1000+) row's
+    are dropped."""
+    files = {m: DATA / "metaaligner-samples" / "hh-rlhf" / f for m, f in (("claude", "Claude-3.csv"), ("gpt35", "gpt-3.5-turbo.csv"))}
+    csv.field_size_limit(1 << 30)
+    data = {m: list(csv.DictReader(open(f, encoding="utf-8", newline=""))) for m, f in files.items()}
+    held = data["claude"][:600] + data["claude"][1000:]
+    full, first = {norm(r["query"]) for r in held}, {first_turn(r["query"]) for r in held}
+    out = []
+    for r in read_jsonl(weak_file):
+        row = int(r["id"].rsplit("-", 1)[1])
+        if not 600 <= row < 1000 or norm(r["query"]) in full or first_turn(r["query"]) in first:
+            continue
+        assert data["claude"][row]["query"] == r["query"], r["id"]
+        out.append({**r, "row": row, "claude": data["claude"][row]["generated_text"],
+                    "gpt35": data["gpt35"][row]["generated_text"]})
+    return out
 
 
 def cmd_pools(a) -> None:
@@ -275,8 +313,8 @@ def cmd_build(a) -> None:
     for f in a.exclude_instructions or ():
         exclude |= {norm(r["query"]) for r in read_jsonl(Path(f))}
     max_words = a.max_target_words
-    fix: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": []}
-    keep: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "ma": []}
+    fix: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "samples": []}
+    keep: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "ma": [], "samples": []}
     # fix: the weak policy's answer -> a good one
     for name, target_key in (("hh", "chosen"), ("redteam", "target"), ("general", "target")):
         f = weak / f"{name}.jsonl"
@@ -291,6 +329,17 @@ def cmd_build(a) -> None:
             objs = HH_OBJECTIVES if name != "general" else rng.sample(MA_OBJECTIVES, rng.randint(1, 4))
             fix[name].append(ren.row(f"fix:{r['id']}", "fix", r["query"], r["response"], tgt, objs,
                                      {"pool": name, "id": r["id"], "weak_finish": r.get("finish_reason")}))
+    if (weak / "samples.jsonl").exists():
+        for r in sample_rows(weak / "samples.jsonl"):
+            pick = pick_sample_target(r["claude"], r["gpt35"], max_words)
+            if pick and r["response"].strip():
+                fix["samples"].append(ren.row(f"fix:{r['id']}", "fix", r["query"], r["response"], pick[1], HH_OBJECTIVES,
+                                              {"pool": "samples", "row": r["row"], "target_model": pick[0],
+                                               "weak_finish": r.get("finish_reason")}))
+            c = r["claude"].strip()
+            if 8 <= len(c.split()) <= max_words:
+                keep["samples"].append(ren.row(f"keep:{r['id']}", "keep", r["query"], c, c, HH_OBJECTIVES,
+                                               {"pool": "samples", "row": r["row"], "model": "Claude-3"}))
     # keep: an answer that is already good -> itself
     for r in read_jsonl(pools / "redteam.jsonl"):
         for m, ans in sorted(r["answers"].items()):
@@ -324,9 +373,10 @@ def cmd_build(a) -> None:
     pref_hh = [r for r in pref_hh if len(r["target"].split()) <= max_words and usable_chosen(r["target"], a.min_chosen_words)]
     pref_ma = [r for r in pref_ma if len(r["target"].split()) <= max_words and len(r["response"].split()) <= max_words]
     plan = [("fix", "hh", fix["hh"], a.fix_hh), ("fix", "redteam", fix["redteam"], a.fix_redteam),
-            ("fix", "general", fix["general"], a.fix_general),
+            ("fix", "general", fix["general"], a.fix_general), ("fix", "samples", fix["samples"], a.fix_samples),
             ("keep", "redteam", keep["redteam"], a.keep_redteam), ("keep", "general", keep["general"], a.keep_general),
             ("keep", "hh", keep["hh"], a.keep_hh), ("keep", "ma", keep["ma"], a.keep_ma),
+            ("keep", "samples", keep["samples"], a.keep_samples),
             ("pref", "hh", pref_hh, a.pref_hh), ("pref", "ma", pref_ma, a.pref_ma)]
     rows, report = [], []
     for kind, pool, cands, n in plan:
@@ -363,7 +413,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("build", help="stage files for metaalign train from the pools and the weak answers")
     b.add_argument("--pools", required=True)
-    b.add_argument("--weak", required=True, help="directory with the weak policy's hh/redteam/general.jsonl")
+    b.add_argument("--weak", required=True, help="directory with the weak policy's hh/redteam/general/samples.jsonl")
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--exclude-instructions", action="append")
     b.add_argument("--template", default="hh-rlhf")
@@ -374,7 +424,7 @@ def main() -> None:
                    help="HH-RLHF chosen turns shorter than this (or short questions back) are not used")
     b.add_argument("--max-refusal-share", type=float, default=None,
                    help="at most this share of each fix/pref part may have a refusal target")
-    for kind, pools_ in (("fix", ("hh", "redteam", "general")), ("keep", ("hh", "redteam", "general", "ma")),
+    for kind, pools_ in (("fix", ("hh", "redteam", "general", "samples")), ("keep", ("hh", "redteam", "general", "ma", "samples")),
                          ("pref", ("hh", "ma"))):
         for pool in pools_:
             b.add_argument(f"--{kind}-{pool}", type=int, default=0, help=f"{kind} rows from the {pool} pool")

@@ -27,6 +27,13 @@ def test_help_is_light():
     assert out.returncode == 0 and "correct" in out.stdout
     heavy = [l for l in out.stderr.splitlines() if l.rstrip().endswith(("| torch", "| transformers", "| llama_cpp"))]
     assert heavy == []
+    # Nor the backends (pydantic), the dataset builder or the objectives: only what the CLI's
+    # option list needs. A command's --help reads the backends for their defaults.
+    loaded = {l.rsplit("|", 1)[1].strip() for l in out.stderr.splitlines() if "|" in l}
+    assert loaded.isdisjoint({"pydantic", "metaalign_cli.backends", "metaalign_cli.dataset.build",
+                              "metaalign_cli.objectives"}), sorted(loaded & {"pydantic", "metaalign_cli.backends"})
+    r = run_cli("correct", "--help")
+    assert r.returncode == 0 and "[llama-cpp; default 4096]" in " ".join(r.stdout.decode().split())
 
 
 def test_version():
@@ -668,3 +675,28 @@ def test_resume_refuses_to_mix_settings(tmp_path):
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2  # nothing appended by a refused run
     p = run_cli(*args, "-O", "humor", "--resume")
     assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5
+
+
+def test_dry_run_writes_the_prompts_without_loading_a_model(tmp_path):
+    """`correct --dry-run` writes each record's prompt as `correct` would send it (the ultrafeedback
+    template, the objective's description) and loads no model: a model file that cannot load is
+    never opened. Bad records are counted (exit 1 under skip); --resume is refused."""
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf")
+    src = ('{"id": "a", "query": "Q1?", "response": "A1."}\n'
+           '{"id": "b", "query": "Q2?", "response": "A2.", "objectives": ["harmless"]}\n')
+    r = run_cli("correct", "--dry-run", "--model", str(junk), "-O", "helpful", "--template", "ultrafeedback", input=src)
+    assert r.returncode == 0, r.stderr.decode()
+    rows = lines(r.stdout)
+    assert [(x["id"], x["line"], x["objectives"], x["chat"]) for x in rows] == [("a", 1, ["helpful"], False),
+                                                                                 ("b", 2, ["harmless"], False)]
+    assert rows[0]["prompt"].endswith("| Query: Q1? | Answer: A1. | Edit: ")
+    assert "Helpfulness: the response should provide useful resources" in rows[0]["prompt"]
+    assert "Harmless: The response should avoid content that is offensive" in rows[1]["prompt"]
+    assert "Helpfulness" not in rows[1]["prompt"]
+    assert "wrote 2 prompt(s), 0 record(s) failed (--dry-run: no model loaded)" in r.stderr.decode()
+    r = run_cli("correct", "--dry-run", "--model", str(junk), "-O", "helpful", "--on-error", "skip",
+                input=src + '{"id": "c", "query": "Q3?"}\n')
+    assert r.returncode == 1 and len(lines(r.stdout)) == 2 and "missing response" in r.stderr.decode()
+    r = run_cli("correct", "--dry-run", "--resume", "-o", str(tmp_path / "o.jsonl"), "-O", "helpful", input=src)
+    assert r.returncode == 2 and "dry_run" in r.stderr.decode().replace("-", "_")

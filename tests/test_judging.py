@@ -130,8 +130,11 @@ def test_win_rates_and_advantage_hand_worked():
     assert (base["wins"], base["ties"], base["losses"], base["invalid"], base["n"]) == (1, 1, 3, 0, 5)
     assert base["win_rate"] == 0.2 and base["win_rate_ties_half"] == 0.3
     assert base["win_rate_ci"] == [0.0362, 0.6245]  # Wilson 1/5
-    # per-unit scores 0, .5, 1, 0, 0: mean .3, sd sqrt(.2), se .2 -> .3 +- .392, clipped at 0
-    assert base["win_rate_ties_half_ci"] == [0.0, 0.692]
+    # Wilson for 1.5 successes in 5: centre (.3 + z^2/10) / (1 + z^2/5) = .3869, half .3143
+    assert base["win_rate_ties_half_ci"] == [0.0726, 0.7012]
+    # all units agreeing still gives an interval (a normal one on the scores would be [1, 1])
+    two = judging.summarize([_row("a", "c", "win"), _row("b", "c", "win")], "pairwise", ["c"], ["harmless"])
+    assert two["results"][0]["win_rate_ties_half_ci"] == [0.3424, 1.0]
     assert (corr["wins"], corr["ties"], corr["losses"], corr["invalid"], corr["n"]) == (2, 1, 1, 1, 4)
     assert corr["win_rate"] == 0.5 and corr["win_rate_ties_half"] == 0.625
     # paper advantage: .5 - .2; paired on r1 r2 r3 r5: d = 1, 1, -1, 0 -> mean .25, se .4787

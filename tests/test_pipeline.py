@@ -108,6 +108,12 @@ def test_cap_hits_are_counted_and_usage_errors(tmp_path, scripted_backend):
     r = cli("correct", "-b", "scripted", "-O", "helpful", "-c", str(cfg), "--max-new-tokens", "8",
             input='{"query": "q", "response": "a"}\n')
     assert r.returncode == 2 and str(cfg) in r.stderr.decode() and "max_new_tokens" in r.stderr.decode()
+    # ... in one line that says what was expected and shows the value once
+    for text, msg in (("batch_size: abc\n", "key 'batch_size': expected an integer: 'abc'"),
+                      ("temperature: [1]\n", "key 'temperature': expected a number: [1]")):
+        cfg.write_text(text, encoding="utf-8")
+        r = cli("correct", "-b", "scripted", "-O", "helpful", "-c", str(cfg), input="")
+        assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {cfg}: {msg}"
 
 
 def test_invalid_json_at_the_end_of_a_line_names_its_column(scripted_backend):

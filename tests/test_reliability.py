@@ -333,6 +333,13 @@ def test_empty_input_warns_and_failed_runs_create_no_directories(tmp_path):
     r = run_cli("correct", "-O", "helpful", "-b", "scripted", input="")
     assert r.returncode == 0 and r.stdout == b""
     assert "warning: <stdin>: no records to correct" in r.stderr.decode()
+    # nothing to correct: the model is not loaded (this one would fail to), and -o still exists
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf")
+    empty_out = tmp_path / "empty.jsonl"
+    r = run_cli("correct", "-O", "helpful", "--model", str(junk), "-o", str(empty_out), input="")
+    assert r.returncode == 0 and empty_out.read_bytes() == b"", r.stderr.decode()
+    assert "no records to correct" in r.stderr.decode() and "error" not in r.stderr.decode()
     out = tmp_path / "new" / "dir" / "out.jsonl"
     r = run_cli("correct", "-O", "helpful", "-b", "scripted", "-o", str(out), input='{"query": "q"}\n')
     assert r.returncode == 2 and "missing response" in one_line_error(r.stderr)

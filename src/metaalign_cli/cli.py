@@ -112,7 +112,9 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         raise typer.Exit(EXIT_OK)
     except OSError as e:
         raise fail(f"{cfg.output if cfg.output != '-' else '<stdout>'}: cannot write output: {e.strerror or e}")
-    if not cfg.quiet:
+    if cfg.dry_run and not cfg.quiet:
+        say(f"wrote {report.prompts} prompt(s), {report.failed} record(s) failed (--dry-run: no model loaded)")
+    elif not cfg.quiet:
         s = report.to_dict()
         earlier = f" ({report.failed_before} of them kept as failed)" if report.failed_before else ""
         empty = f", {report.empty} empty" if report.empty else ""

@@ -123,24 +123,12 @@ def _export_blind(cfg: JudgeConfig, plan) -> None:
 
 
 def _import_blind(cfg: JudgeConfig, plan):
-    from metaalign_cli import __version__
-    from metaalign_cli.judging.blind import blind_rows, read_key, read_verdicts
-    from metaalign_cli.judging.judge import JudgeRun, run_summary
-    from metaalign_cli.records import JsonlWriter
+    from metaalign_cli.judging.judge import run_blind_import
 
-    key = read_key(cfg.blind_key, plan.units)
-    verdicts = read_verdicts(cfg.blind_verdicts, key)
-    judge = {"backend": "blind", "model": "outside judges", "export": key["export"],
-             "verdict_files": [str(p) for p in cfg.blind_verdicts], "seed": key["seed"],
-             "both_orders": plan.options.both_orders, "version": __version__}
-    rows = blind_rows(plan.units, key, verdicts, judge)
     try:
-        with JsonlWriter(cfg.output) as w:
-            for r in rows:
-                w.write(r)
+        return run_blind_import(cfg, plan)
     except OSError as e:
         raise fail(f"{cfg.output}: cannot write output: {e.strerror or e}")
-    return JudgeRun(rows, run_summary(rows, plan, judge, None))
 
 
 def _write_outputs(cfg: JudgeConfig, run, plan) -> None:

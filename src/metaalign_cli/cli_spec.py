@@ -32,6 +32,11 @@ class SectionedCommand(TyperCommand):
     def format_options(self, ctx, formatter) -> None:
         args, sections = [], {}
         for param in self.get_params(ctx):
+            f = _BACKEND_OPTIONS.get(param.name)
+            if f is not None and not getattr(param, "backend_defaults_shown", False):
+                # per-backend defaults: read (importing every backend) only when help is printed
+                param.help = (param.help or "") + _backend_default_text(f)
+                param.backend_defaults_shown = True
             if param.param_type_name == "argument":
                 args.append(((param.metavar or param.name.upper()), getattr(param, "help", "") or ""))
                 continue
@@ -47,16 +52,34 @@ class SectionedCommand(TyperCommand):
                 formatter.write_dl(rows)
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    """``[default: X]`` for a field whose default says something (not None, False or [])."""
+def _backend_default_text(f: dataclasses.Field) -> str:
+    """`` [llama-cpp; default 4096 | transformers, vllm]`` for a backend option field: which
+    backends take it, with each one's default (imports every backend module, so it is called
+    only when help is printed)."""
     from metaalign_cli.backends import option_default
 
-    if f.metadata.get("backends") and not f.metadata.get("forward"):
-        by_default: dict = {}
-        for backend, name in f.metadata["backends"].items():
-            by_default.setdefault(option_default(backend, name), []).append(backend)
-        parts = [", ".join(b) + ("" if d in (None, "") else f"; default {d}") for d, b in by_default.items()]
-        return f" [{' | '.join(parts)}]"
+    by_default: dict = {}
+    for backend, name in f.metadata["backends"].items():
+        by_default.setdefault(option_default(backend, name), []).append(backend)
+    parts = [", ".join(b) + ("" if d in (None, "") else f"; default {d}") for d, b in by_default.items()]
+    return f" [{' | '.join(parts)}]"
+
+
+#: Backend option fields by parameter name (declared once, in config's model options), whose help
+#: gets each backend's default at help time.
+_BACKEND_OPTIONS: dict[str, dataclasses.Field] = {}
+
+
+def _is_backend_option(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("backends")) and not f.metadata.get("forward")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """``[default: X]`` for a field whose default says something (not None, False or []);
+    backend options get theirs at help time (:func:`_backend_default_text`)."""
+    if _is_backend_option(f):
+        _BACKEND_OPTIONS[f.name] = f
+        return ""
     d = f.default
     if d is dataclasses.MISSING or d is None or d is False or d == []:
         return ""

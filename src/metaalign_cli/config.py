@@ -101,11 +101,17 @@ def coerce(cls, key: str, value: Any, source: str) -> Any:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
-            return int(value)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError("expected an integer") from None
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            return float(value)
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ValueError("expected a number") from None
         if isinstance(value, (dict, list)):
             raise ValueError("expected a single value")
         return str(value)
@@ -300,6 +306,9 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
                                 "drop) or keep (emit the record with an 'error' field).", choices=ON_ERROR,
                         metavar="POLICY", panel="Output")
     resume: bool = opt(False, "With -o FILE: skip the records already in FILE.", panel="Output")
+    dry_run: bool = opt(False, "Write each record's prompt (id, line, prompt, chat, system, objectives) instead of "
+                               "correcting it; no model loads, so the query is not yet cut to fit the context.",
+                        panel="Output")
     max_new_tokens: str = opt("auto", "Cap on generated tokens per record: a number, or auto = 64 + 1.5 x the "
                                       "response's tokens, at least 128 and at most 1024 (the paper's cap). Never "
                                       "more than half the context.", metavar="N|auto", panel="Generation")
@@ -339,6 +348,8 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
             bad("output_field", f"'{self.output_field}' would overwrite the input's query or response field")
         if self.resume and self.output == "-":
             bad("resume", "needs -o FILE")
+        if self.dry_run and self.resume:
+            bad("dry_run", "writes prompts, not corrections: it cannot resume a file of corrections")
         mnt = str(self.max_new_tokens).strip().lower()
         if mnt != "auto" and not (mnt.isdigit() and int(mnt) >= 1):
             bad("max_new_tokens", f"must be a number >= 1 or auto, not {self.max_new_tokens!r}")

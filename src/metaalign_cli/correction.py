@@ -67,7 +67,8 @@ class CorrectionReport:
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
     cut from the start of the query), ``looped`` (stopped by the loop guard), ``capped``
     (stopped by ``max_new_tokens``: finish reason ``length``), ``empty``
-    (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``."""
+    (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``;
+    ``prompts``: lines written by ``--dry-run``."""
 
     written: int = 0
     corrected: int = 0
@@ -82,6 +83,7 @@ class CorrectionReport:
     failed_before: int = 0
     errors: list[str] = field(default_factory=list)
     model: str = ""
+    prompts: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -271,10 +273,16 @@ def provenance(backend: Backend, opts: CorrectionOptions) -> dict:
     """The ``metaalign`` object every output record carries (before its per-record keys):
     backend info (model, load options, dtype/device where known; never secrets), template,
     prompt format, generation settings, version."""
-    return {**backend.info(), **backend.identity(), "template": opts.template.name,
-            "template_sha": template_sha(opts.template),
+    return {**backend.info(), **settings_provenance(backend, opts), "version": __version__}
+
+
+def settings_provenance(backend: Backend, opts: CorrectionOptions) -> dict:
+    """The part of :func:`provenance` that ``--resume`` compares: the backend's identity
+    (model, server, LoRA, re-quantization, dtype...), template and its fingerprint, prompt
+    format, generation settings."""
+    return {**backend.identity(), "template": opts.template.name, "template_sha": template_sha(opts.template),
             "prompt_format": opts.prompt_format or opts.template.prompt_format,
-            "generation": generation_record(opts, backend), "version": __version__}
+            "generation": generation_record(opts, backend)}
 
 
 def generation_record(opts: CorrectionOptions, backend: Backend) -> dict:
@@ -423,9 +431,7 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
     p = Path(path)
     if not p.is_file():
         return None
-    now = {**backend.identity(), "template": opts.template.name, "template_sha": template_sha(opts.template),
-           "prompt_format": opts.prompt_format or opts.template.prompt_format,
-           "generation": generation_record(opts, backend)}
+    now = settings_provenance(backend, opts)
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
     checked_settings = False
@@ -481,6 +487,28 @@ def correction_options(cfg: "CorrectConfig", objective_set: ObjectiveSet, templa
                              scale_to_response=auto)
 
 
+def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: str, model: str,
+                  warn: Callable[[str], None]) -> CorrectionReport:
+    """``correct --dry-run``: one line per good record, ``{"id", "line", "prompt", "chat",
+    "system", "objectives"}``, ``prompt`` being T(q, y, O, "better") as :func:`build_prompt`
+    renders it for the model (before any cut to fit the context, which needs the model's
+    tokenizer). Bad records are warned and counted as failed. Returns the report
+    (``prompts`` = lines written)."""
+    report = CorrectionReport(model=model)
+    with JsonlWriter(output) as writer:
+        for it in items:
+            if it.error is not None:
+                report.failed += 1
+                report.errors.append(str(it.error))
+                warn(str(it.error))
+                continue
+            p = build_prompt(it.question, it.answer, it.objectives, opts)
+            writer.write({"id": (it.rec.data or {}).get("id"), "line": it.rec.line, "prompt": p.text, "chat": p.chat,
+                          "system": p.system, "objectives": it.objective_names})
+            report.prompts += 1
+    return report
+
+
 def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
                 on_progress: Callable[[int, int], None] | None = None,
                 warn: Callable[[str], None] | None = None,
@@ -491,9 +519,9 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     template and model are resolved (:func:`metaalign_cli.models.resolve_model`, nothing
     loaded), every input record is read and checked (under ``on_error='fail'`` the first bad
     record stops the run here, before the model loads), ``--resume``'s output file is read,
-    then the model loads (``backend`` given: used as it is, e.g. a test's scripted backend)
-    and its settings are checked against the file's, then records are corrected and written
-    one line each. ``on_model(label)`` is told which model is used; ``warn(msg)`` gets repairs,
+    then the model loads unless no record is left to correct (``backend`` given: used as it
+    is, e.g. a test's scripted backend) and its settings are checked against the file's, then
+    records are corrected and written one line each. ``on_model(label)`` is told which model is used; ``warn(msg)`` gets repairs,
     load notes and per-record errors; ``on_progress(records, tokens)``.
 
     Returns the :class:`CorrectionReport` (``to_dict()`` is the summary, ``exit_code`` the
@@ -502,14 +530,14 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     template, model or options), InputError (unreadable input, a resume file of another run),
     MetaAlignError (a model that cannot load).
     """
-    from metaalign_cli.models import resolve_model, spec_from_config
+    from metaalign_cli.models import resolve_config
     from metaalign_cli.objectives import load_objectives
     from metaalign_cli.records import done_records, read_records
     from metaalign_cli.templates import load_template
 
     warn = warn or (lambda m: None)
     objset = load_objectives(dirs=cfg.objectives_dir, files=cfg.objective_file)
-    resolved = None if backend is not None else resolve_model(spec_from_config(cfg, "corrector"), "corrector")
+    resolved = None if backend is not None else resolve_config(cfg, "corrector")
     tpl = load_template(cfg.template or (resolved.template if resolved else None) or "ultrafeedback",
                         kind="correction")
     opts = correction_options(cfg, objset, tpl, cfg.prompt_format or (resolved.prompt_format if resolved else None))
@@ -522,6 +550,14 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
     if resolved is not None and on_model:
         on_model(resolved.label)
+    if cfg.dry_run:
+        return write_prompts(items, opts, cfg.output, resolved.label if resolved is not None else backend.model_id, warn)
+    if not items:  # nothing to generate: the model is not loaded (the output file still exists)
+        with JsonlWriter(cfg.output, append=cfg.resume):
+            pass
+        report = CorrectionReport(model=resolved.label if resolved is not None else backend.model_id,
+                                  resumed=resumed, failed_before=done.kept_failures if done else 0)
+        return report
     own = backend is None
     be = backend if backend is not None else resolved.load()
     try:

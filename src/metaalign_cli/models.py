@@ -134,7 +134,7 @@ def locate(model: str | None, backend: str | None, base_url: str | None,
     return ResolvedModel(name, target, options, card, kind, label)
 
 
-def resolve_model(spec: ModelSpec, role: Role = "corrector") -> ResolvedModel:
+def resolve_model(spec: ModelSpec, role: Role = "corrector", located: ResolvedModel | None = None) -> ResolvedModel:
     """Resolve ``spec`` for ``role`` (``corrector``: no model means the installed ``default``
     corrector, else the shipped one, else the prompted demo; ``judge``: no model means the
     prompted demo): the backend, the model it loads, the card's defaults and the options
@@ -142,10 +142,11 @@ def resolve_model(spec: ModelSpec, role: Role = "corrector") -> ResolvedModel:
 
     Raises ConfigError for an option or ``base_url`` the backend does not take,
     UnknownNameError for an unknown backend, MetaAlignError for a model that is not one.
+    ``located``: :func:`locate`'s answer for this spec, when the caller has it already.
     """
     from metaalign_cli.backends import validate_options
 
-    r = locate(spec.model, spec.backend, spec.base_url, role)
+    r = located or locate(spec.model, spec.backend, spec.base_url, role)
     options = {**r.options, **spec.options}
     if spec.base_url:
         if r.backend not in SERVER_BACKENDS:
@@ -182,6 +183,17 @@ def spec_from_config(cfg, role: Role = "corrector") -> ModelSpec:
     A knob set for a backend that does not take it is a ConfigError naming the flag (it used
     to be dropped silently); pipeline knobs (``forward``) go only where they apply.
     """
+    return _spec_located(cfg, role)[0]
+
+
+def resolve_config(cfg, role: Role = "corrector") -> ResolvedModel:
+    """:func:`resolve_model` of :func:`spec_from_config` (``correct`` and ``judge``), locating
+    the model once. Raises as both do."""
+    spec, r = _spec_located(cfg, role)
+    return resolve_model(spec, role, located=r)
+
+
+def _spec_located(cfg, role: Role) -> tuple[ModelSpec, ResolvedModel]:
     from metaalign_cli.config import flag_of
 
     r = locate(cfg.model, cfg.backend, cfg.base_url, role)
@@ -196,7 +208,7 @@ def spec_from_config(cfg, role: Role = "corrector") -> ModelSpec:
         elif not f.metadata.get("forward"):
             raise ConfigError(f"{flag_of(type(cfg), f.name)} is an option of the {' and '.join(mapping)} backend"
                               f"{'s' if len(mapping) > 1 else ''}, not of {r.backend} (the model runs on {r.backend})")
-    return ModelSpec(model=cfg.model, backend=cfg.backend, base_url=cfg.base_url, options=options)
+    return ModelSpec(model=cfg.model, backend=cfg.backend, base_url=cfg.base_url, options=options), r
 
 
 def resolve_base_model(base: str | None) -> str:

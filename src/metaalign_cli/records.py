@@ -440,7 +440,7 @@ def _content_text(content: str | list, rec: SourceRecord, where: str) -> str:
 def dumps(record: dict) -> str:
     """One JSONL line (no newline): UTF-8 text kept as is (``ensure_ascii=False``). Input
     records are scrubbed of lone surrogates when read (:func:`_scrub`), server answers when
-    received (:func:`metaalign_cli.backends.openai_api.guard_remote`)."""
+    received (:func:`metaalign_cli.backends.server.guard_remote`)."""
     return json.dumps(record, ensure_ascii=False)
 
 

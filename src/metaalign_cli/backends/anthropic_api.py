@@ -68,6 +68,4 @@ class AnthropicBackend(ServerBackend):
             raise BackendError(f"the API answered no content (model {self.model_id})")
         text = "".join(getattr(b, "text", None) or "" for b in r.content)
         reason = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}.get(r.stop_reason, r.stop_reason)
-        from metaalign_cli.backends.openai_api import guard_remote
-
-        return guard_remote(Generation(text, r.usage.input_tokens, r.usage.output_tokens, reason), s)
+        return Generation(text, r.usage.input_tokens, r.usage.output_tokens, reason)

@@ -49,6 +49,21 @@ class Prompt:
         return msgs + [{"role": "user", "content": self.text}]
 
 
+def tokenizer_prompt_ids(tokenizer, prompt: Prompt, who: str) -> list[int]:
+    """The token ids an HF tokenizer (transformers, vLLM, a server's ``--tokenizer``) gives
+    ``prompt``: raw text with the model's BOS, as training saw it; a chat prompt through the
+    tokenizer's chat template (generation prompt added), which carries its own BOS. Raises
+    MetaAlignError naming ``who`` when a chat prompt meets a tokenizer without a chat template."""
+    if not prompt.chat:
+        return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        from metaalign_cli.errors import MetaAlignError
+
+        raise MetaAlignError(f"{who}: this tokenizer has no chat template; use a raw-prompt template")
+    text = tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 @dataclass
 class Generation:
     """A model's answer: ``text``; token counts when the backend knows them; ``finish_reason``

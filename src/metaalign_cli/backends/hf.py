@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, is_looping
+from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, is_looping,
+                                         tokenizer_prompt_ids)
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -186,18 +187,8 @@ class TransformersBackend(Backend):
             n = getattr(cfg.get_text_config(), "max_position_embeddings", None)
         return n
 
-    def prompt_text(self, prompt: Prompt) -> str:
-        """The exact string tokenized for ``prompt`` (chat template applied for chat prompts)."""
-        if not prompt.chat:
-            return prompt.text
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise MetaAlignError(f"{self.model_id}: this tokenizer has no chat template; use a raw-prompt template")
-        return self.tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
-
     def _ids(self, prompt: Prompt) -> list[int]:
-        text = self.prompt_text(prompt)
-        # Raw prompts get the model's BOS like training did; chat templates carry their own.
-        return self.tokenizer(text, add_special_tokens=not prompt.chat)["input_ids"]
+        return tokenizer_prompt_ids(self.tokenizer, prompt, self.model_id)
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(self._ids(prompt))

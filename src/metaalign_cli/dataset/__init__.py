@@ -52,16 +52,18 @@ The parts, one module each: :mod:`.algorithm` (Algorithm 1 and the warm-up sampl
 whole build).
 """
 
-from metaalign_cli.dataset.algorithm import (SPLITS, STAGES, DatasetItem, RatedPair, Relation, build_dynamic_dataset,
-                                             pair_rng)
-from metaalign_cli.dataset.build import BuildOptions, build_data
-from metaalign_cli.dataset.formats import (INPUT_FORMATS, READERS, guess_file_format, guess_format, read_rated_pairs,
-                                           split_hh_transcripts)
-from metaalign_cli.dataset.reading import UNKNOWN_RATINGS, ReadOptions, parse_rating, relation, source_rows
-from metaalign_cli.dataset.splits import hash_query, load_excluded_queries, normalize_query, split_for_query
-from metaalign_cli.dataset.stats import BAD_RECORD_REASONS, PAIR_DROP_REASONS, BuildStats
-from metaalign_cli.dataset.tokens import load_token_counter, percentiles
-from metaalign_cli.dataset.writer import DatasetWriter, output_files
+# Names are imported on first use (PEP 562), so importing one part (``from metaalign_cli.dataset.algorithm
+# import STAGES``, as the CLI does at start-up) does not import the others.
+_WHERE = {
+    **dict.fromkeys(["SPLITS", "STAGES", "DatasetItem", "RatedPair", "Relation", "build_dynamic_dataset", "pair_rng"], "algorithm"),
+    **dict.fromkeys(["BuildOptions", "build_data"], "build"),
+    **dict.fromkeys(["INPUT_FORMATS", "READERS", "guess_file_format", "guess_format", "read_rated_pairs", "split_hh_transcripts"], "formats"),
+    **dict.fromkeys(["UNKNOWN_RATINGS", "ReadOptions", "parse_rating", "relation", "source_rows"], "reading"),
+    **dict.fromkeys(["hash_query", "load_excluded_queries", "normalize_query", "split_for_query"], "splits"),
+    **dict.fromkeys(["BAD_RECORD_REASONS", "PAIR_DROP_REASONS", "BuildStats"], "stats"),
+    **dict.fromkeys(["load_token_counter", "percentiles"], "tokens"),
+    **dict.fromkeys(["DatasetWriter", "output_files"], "writer"),
+}
 
 __all__ = [
     "BAD_RECORD_REASONS", "BuildOptions", "BuildStats", "DatasetItem", "DatasetWriter", "INPUT_FORMATS",
@@ -70,3 +72,18 @@ __all__ = [
     "load_excluded_queries", "load_token_counter", "normalize_query", "output_files", "pair_rng", "parse_rating",
     "percentiles", "read_rated_pairs", "relation", "source_rows", "split_for_query", "split_hh_transcripts",
 ]
+
+
+def __getattr__(name: str):
+    """The public name ``name`` from the part that defines it (imported on first use)."""
+    import importlib
+
+    if name not in _WHERE:
+        raise AttributeError(f"module 'metaalign_cli.dataset' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"metaalign_cli.dataset.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

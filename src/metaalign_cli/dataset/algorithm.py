@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
+from metaalign_cli.stages import SPLITS, STAGES  # noqa: F401 (re-exported)
 from metaalign_cli.templates import CorrectionTemplate
-
-STAGES = ("warmup", "equal", "preference")
-SPLITS = ("train", "validation", "test")
 
 Relation = str  # ">" (y1 better), "<" (y2 better) or "=" (tie)
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from metaalign_cli import __version__
 from metaalign_cli.errors import InputError
-from metaalign_cli.judging.plan import JudgeUnit, aspect_text
-from metaalign_cli.judging.verdicts import combine_orders, verdict_outcome
+from metaalign_cli.judging.plan import JudgeOptions, JudgeUnit, aspect_text
 
 KEY_FORMAT = "metaalign-blind-key-1"
 
@@ -135,28 +134,22 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
     return out
 
 
-def blind_rows(units: list[JudgeUnit], key: dict, verdicts: dict[str, int], judge: dict) -> list[dict]:
-    """Judgment rows (the shape an LLM judge's rows have: ``outcome``, ``verdict``,
-    ``candidate_position`` or ``consistent`` with both orders, ``judgments``) from blind
-    verdicts, in plan order. Algorithm 2 lines 9-11: win when the judge picked the candidate's
-    position, tie for 0; with both orders a disagreement is a tie."""
+def blind_rows(units: list[JudgeUnit], key: dict, verdicts: dict[str, int], judge: dict,
+               opts: JudgeOptions) -> list[dict]:
+    """Judgment rows (the rows an LLM judge writes, built by the same
+    :func:`~metaalign_cli.judging.run.unit_row`: ``outcome``, ``verdict``, ``candidate_position``
+    or ``consistent`` with both orders, ``judgments`` with each task id) from blind verdicts,
+    in plan order. Algorithm 2 lines 9-11: win when the judge picked the candidate's position,
+    tie for 0; with both orders a disagreement is a tie."""
+    from metaalign_cli.judging.run import unit_row
+
     by_unit: dict[tuple, list[dict]] = {}
     for t in key["tasks"]:
         by_unit.setdefault((json.dumps(t["record_id"]), t["objective"], t["candidate"]), []).append(t)
     rows = []
     for u in units:
-        asks = []
-        for t in sorted(by_unit[u.key], key=lambda t: t["order"] != "candidate-first"):
-            v = verdicts[t["task"]]
-            asks.append({"order": t["order"], "candidate_position": t["candidate_position"], "task": t["task"],
-                         "verdict": v, "outcome": verdict_outcome(v, t["candidate_position"])})
-        row = {"record_id": u.item.record_id, "input_line": u.item.line, "objective": u.objective.name,
-               "candidate": u.candidate, "mode": "pairwise"}
-        if len(asks) == 1:
-            row.update(outcome=asks[0]["outcome"], verdict=asks[0]["verdict"],
-                       candidate_position=asks[0]["candidate_position"])
-        else:
-            row["outcome"], row["consistent"] = combine_orders([a["outcome"] for a in asks])
-        row.update(invalid_reason=None, judgments=asks, judge=judge)
-        rows.append(row)
+        asks = [{"order": t["order"], "candidate_position": t["candidate_position"], "task": t["task"],
+                 "value": verdicts[t["task"]]}
+                for t in sorted(by_unit[u.key], key=lambda t: t["order"] != "candidate-first")]
+        rows.append(unit_row(u, asks, opts, judge))
     return rows

@@ -129,11 +129,11 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     and input tokens, call nothing. Returns the :class:`JudgeRun`. Raises InputError,
     ConfigError, MetaAlignError as :func:`plan_judge` and the model resolver do.
     """
-    from metaalign_cli.models import resolve_model, spec_from_config
+    from metaalign_cli.models import resolve_config
     from metaalign_cli.records import JsonlWriter
 
     plan = plan or plan_judge(cfg)
-    resolved = None if backend is not None else resolve_model(spec_from_config(cfg, "judge"), "judge")
+    resolved = None if backend is not None else resolve_config(cfg, "judge")
     if resolved is not None and on_model:
         on_model(resolved.label)
     own = backend is None
@@ -202,3 +202,27 @@ def _rewrite_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def run_blind_import(cfg: "JudgeConfig", plan: JudgePlan | None = None) -> JudgeRun:
+    """``judge --blind-key K --blind-verdicts V...``: outside judges' verdicts on an export of
+    this plan (:mod:`metaalign_cli.judging.blind`) as judgment rows written to ``cfg.output``,
+    with the summary an LLM judge's run gets (win rates, intervals, advantage). Raises
+    InputError for a key of another export or verdict files that do not match it (missing,
+    extra or duplicate tasks, values other than 0, 1, 2); OSError when the output cannot be
+    written."""
+    from metaalign_cli import __version__
+    from metaalign_cli.judging.blind import blind_rows, read_key, read_verdicts
+    from metaalign_cli.records import JsonlWriter
+
+    plan = plan or plan_judge(cfg)
+    key = read_key(cfg.blind_key, plan.units)
+    verdicts = read_verdicts(cfg.blind_verdicts, key)
+    judge = {"backend": "blind", "model": "outside judges", "export": key["export"],
+             "verdict_files": [str(p) for p in cfg.blind_verdicts], "seed": key["seed"],
+             "both_orders": plan.options.both_orders, "version": __version__}
+    rows = blind_rows(plan.units, key, verdicts, judge, plan.options)
+    with JsonlWriter(cfg.output) as w:
+        for r in rows:
+            w.write(r)
+    return JudgeRun(rows, run_summary(rows, plan, judge, None))

@@ -152,8 +152,11 @@ def _with_seed(s: GenerationSettings, seed: int) -> GenerationSettings:
     return replace(s, seed=seed)
 
 
-def _unit_row(unit: JudgeUnit, asks: list[dict], opts: JudgeOptions, info: dict) -> dict:
-    """The output row of one unit from its asks' results (see :func:`judge_unit`)."""
+def unit_row(unit: JudgeUnit, asks: list[dict], opts: JudgeOptions, info: dict) -> dict:
+    """The output row of one unit from its asks' results (see :func:`judge_unit`; blind
+    verdicts too, :func:`metaalign_cli.judging.blind.blind_rows`): each ask a dict with
+    ``value`` (the parsed verdict or score, None when invalid) and, pairwise, ``order`` and
+    ``candidate_position``; the asks are changed in place into the row's ``judgments``."""
     row: dict = {"record_id": unit.item.record_id, "input_line": unit.item.line, "objective": unit.objective.name,
                  "candidate": unit.candidate, "mode": opts.mode}
     bad = next((a for a in asks if a["value"] is None), None)
@@ -197,7 +200,7 @@ def judge_unit(unit: JudgeUnit, backend: Backend, cache: JudgeCache | None, opts
     raw answer(s), parsed value, attempts, cached, latency_s, tokens), and ``judge``.
     """
     asks = _ask_many(unit.asks, backend, cache, opts, limiter or RateLimiter(None), report or JudgeReport())
-    return _unit_row(unit, asks, opts, info)
+    return unit_row(unit, asks, opts, info)
 
 
 def judge_units(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | None, opts: JudgeOptions,
@@ -226,7 +229,7 @@ def judge_units(units: list[JudgeUnit], backend: Backend, cache: JudgeCache | No
             asks = _ask_many([a for u in chunk for a in u.asks], backend, cache, opts, limiter, report)
             k = 0
             for u in chunk:
-                row = _unit_row(u, asks[k:k + len(u.asks)], opts, info)
+                row = unit_row(u, asks[k:k + len(u.asks)], opts, info)
                 k += len(u.asks)
                 report.judged += 1
                 report.invalid += row["outcome"] == "invalid"

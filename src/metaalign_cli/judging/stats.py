@@ -59,9 +59,8 @@ def win_rate_stats(rows: list[dict]) -> dict:
     out = {"n": n, "wins": w, "ties": t, "losses": l, "invalid": inv,
            "win_rate": _r(w / n) if n else None,
            "win_rate_ci": [_r(x) for x in wilson_interval(w, n)] if n else None,
-           "win_rate_ties_half": _r((w + 0.5 * t) / n) if n else None}
-    mi = mean_interval([_SCORE_OF[r["outcome"]] for r in rows if r["outcome"] in _SCORE_OF])
-    out["win_rate_ties_half_ci"] = [_r(max(0.0, mi[1])), _r(min(1.0, mi[2]))] if mi else None
+           "win_rate_ties_half": _r((w + 0.5 * t) / n) if n else None,
+           "win_rate_ties_half_ci": [_r(x) for x in wilson_interval(w + 0.5 * t, n)] if n else None}
     pairs = [r for r in rows if "consistent" in r and r["outcome"] != "invalid"]
     if pairs:
         c = sum(bool(r["consistent"]) for r in pairs)
