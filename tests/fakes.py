@@ -19,7 +19,8 @@ class ScriptedBackend(Backend):
     """Answers ``"fixed-<8 hex of the prompt>"`` (or ``answer``), one "token" per word. A
     prompt containing ``FAIL`` fails with a BackendError; ``NULL`` gives a Generation whose
     text is None (a server answering ``"text": null``); ``EMPTY`` an empty text; ``LONG``
-    ``max_new_tokens`` words, finish reason ``length``. Every call's
+    ``max_new_tokens`` words, finish reason ``length``; ``LOOP`` a looping text, finish reason
+    ``loop``. Every call's
     prompts are recorded in ``ScriptedBackend.calls`` (class attribute, reset per test)."""
 
     name = "scripted"
@@ -47,6 +48,10 @@ class ScriptedBackend(Backend):
                 continue
             if "NULL" in p.text:
                 out.append(Generation(None, 1, 0, "stop"))  # type: ignore[arg-type]
+                continue
+            if "LOOP" in p.text:  # stopped by the loop guard, as a backend cuts it: mid-word
+                text = "Sure. I can help with that. I can help with that. I can help with that. I can he"
+                out.append(Generation(text, self.count_prompt_tokens(p), len(text.split()), "loop"))
                 continue
             if "LONG" in p.text:  # runs to the cap
                 out.append(Generation(" ".join(["long"] * settings.max_new_tokens), self.count_prompt_tokens(p),

@@ -163,7 +163,7 @@ def test_an_id_that_is_not_a_string_or_integer_is_refused_as_judge_does(scripted
 
 
 def test_the_shipped_corrector_is_a_small_gguf_lora_on_the_embedded_base():
-    """The package ships `metaalign train`'s GGUF LoRA (configs/corrector-d.yaml) and its card:
+    """The package ships `metaalign train`'s GGUF LoRA (the recipe its card names, in configs/) and its card:
     f16, at most ~10 MB, on the embedded SmolLM2 with the raw hh-rlhf prompts it was trained on."""
     from metaalign_cli.backends import default_model_path
     from metaalign_cli.correctors import read_card, shipped_corrector
@@ -175,4 +175,43 @@ def test_the_shipped_corrector_is_a_small_gguf_lora_on_the_embedded_base():
     assert lora.parent == d and lora.stat().st_size <= 10 * 2**20
     assert lora.read_bytes()[:4] == b"GGUF"
     assert card["gguf"] == str(default_model_path()) and (card["template"], card["prompt_format"]) == ("hh-rlhf", "raw")
-    assert card["recipe"].startswith("configs/corrector-d.yaml") and (REPO / "configs" / "corrector-d.yaml").is_file()
+    recipe = card["recipe"].split()[0]
+    assert (REPO / recipe).is_file() and card["name"].endswith(f"({Path(recipe).stem})")
+
+
+def test_trim_loop_hand_worked():
+    from metaalign_cli.backends.base import trim_loop
+
+    # the tail repeats a 5-word unit; the last word is cut mid-way: keep the first copy
+    assert trim_loop("Sure. I can help with that. I can help with that. I can help with that. I can he") == \
+        "Sure. I can help with that."
+    # a unit that is not a whole sentence: back to the last sentence end before it
+    assert trim_loop("No. You are right, and you are right, and you are right, and you") == "No."
+    # a repetition with no sentence end at all: the first copy of the unit
+    assert trim_loop("very very very very very") == "very"
+    # no word-for-word repetition: only back to the last whole sentence ("quoted." ends one)
+    assert trim_loop('He said "it is fine." Then he went to the') == 'He said "it is fine."'
+    # nothing to cut back to: as it is
+    assert trim_loop("no sentence end here") == "no sentence end here" and trim_loop("") == ""
+    # (the 11-word unit of a real corrector-f loop, ending in a cut word)
+    real = ("I'm so glad you're happy. " + "I'm happy, and I'm happy to share your story with you. " * 3 + "I'm happy")
+    assert trim_loop(real) == "I'm so glad you're happy. I'm happy, and I'm happy to share your story with you."
+
+
+def test_on_loop_trims_by_default_and_keep_leaves_the_guards_cut(tmp_path, scripted_backend):
+    inp = '{"id": 1, "query": "q", "response": "LOOP"}\n{"id": 2, "query": "q", "response": "fine"}\n'
+    r = cli("correct", "-b", "scripted", "-O", "helpful", input=inp)
+    assert r.returncode == 0, r.stderr.decode()
+    out = rows(r.stdout)
+    assert out[0]["corrected"] == "Sure. I can help with that."
+    assert out[0]["metaalign"]["finish_reason"] == "loop" and out[0]["metaalign"]["loop_trimmed"] is True
+    assert "loop_trimmed" not in out[1]["metaalign"] and out[0]["metaalign"]["generation"]["on_loop"] == "trim"
+    assert "1 stopped in a repetition loop (1 cut back to before the repetition)" in r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--on-loop", "keep", input=inp)
+    out = rows(r.stdout)
+    assert out[0]["corrected"].endswith("I can help with that. I can he") and "loop_trimmed" not in out[0]["metaalign"]
+    # --resume does not mix the two policies in one file
+    f = tmp_path / "o.jsonl"
+    f.write_bytes(r.stdout.splitlines(keepends=True)[0])
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(f), input=inp)
+    assert r.returncode == 2 and "generation.on_loop 'keep' there, 'trim' now" in r.stderr.decode()

@@ -102,11 +102,13 @@ def test_loop_guard_cuts_a_looping_answer_as_local_backends_stop(tiny_llama_dir)
     whose tail loops), on the --tokenizer's ids, or on words without one; finish_reason loop."""
     loop = "Thanks for asking. " + "I am here to help you with that. " * 30
     with FaultServer(lambda p: loop) as srv:
-        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", input=records(1))
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", "--on-loop", "keep", input=records(1))
         words = lines(r.stdout)[0]
         r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--tokenizer", str(tiny_llama_dir), "-q",
-                    input=records(1))
+                    "--on-loop", "keep", input=records(1))
         toks = lines(r.stdout)[0]
+        r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", input=records(1))
+        trimmed = lines(r.stdout)[0]  # the default, --on-loop trim: what it said before repeating
         r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "--no-loop-guard", "-q", input=records(1))
         whole = lines(r.stdout)[0]
     assert whole["corrected"] == loop.strip() and whole["metaalign"]["finish_reason"] == "stop"
@@ -119,6 +121,8 @@ def test_loop_guard_cuts_a_looping_answer_as_local_backends_stop(tiny_llama_dir)
     cut = loop_cut(ids)
     assert toks["metaalign"]["finish_reason"] == "loop" and toks["corrected"] == tok.decode(ids[:cut]).strip()
     assert len(toks["corrected"]) < len(whole["corrected"]) and toks["metaalign"]["tokenizer"] == str(tiny_llama_dir)
+    assert trimmed["corrected"] == "Thanks for asking. I am here to help you with that."
+    assert trimmed["metaalign"]["finish_reason"] == "loop" and trimmed["metaalign"]["loop_trimmed"] is True
 
 
 def test_tokenizer_fits_prompts_to_max_model_len(tiny_llama_dir):

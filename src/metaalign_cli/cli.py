@@ -118,9 +118,10 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         s = report.to_dict()
         earlier = f" ({report.failed_before} of them kept as failed)" if report.failed_before else ""
         empty = f", {report.empty} empty" if report.empty else ""
+        trimmed = f" ({report.trimmed} cut back to before the repetition)" if report.trimmed else ""
         say(f"corrected {report.corrected} record(s), {report.failed} failed, {report.resumed} already done{earlier}, "
             f"{report.truncated} with the query cut to fit the context, {report.looped} stopped in a repetition "
-            f"loop, {report.capped} at the token cap{empty}; {s['records_per_s'] or 0:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s")
+            f"loop{trimmed}, {report.capped} at the token cap{empty}; {s['records_per_s'] or 0:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s")
     raise typer.Exit(report.exit_code)
 
 

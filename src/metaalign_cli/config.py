@@ -197,6 +197,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
 
 # ------------------------------------------------------------------------------------ shared knobs
 
+ON_LOOP = ("trim", "keep")
 ON_ERROR = ("fail", "skip", "keep")
 PROMPT_FORMATS = ("raw", "chat")
 INPUT_FORMATS = ("jsonl", "csv")
@@ -320,6 +321,10 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
                     panel="Generation")
     loop_guard: bool = opt(True, "Stop a generation whose tail repeats (finish_reason 'loop').",
                            flags=("--loop-guard/--no-loop-guard",), panel="Generation")
+    on_loop: str = opt("trim", "What the output keeps of a generation the loop guard stopped: trim (what it said "
+                               "before it began repeating, to its last whole sentence; provenance 'loop_trimmed') "
+                               "or keep (the text as the guard cut it).", choices=ON_LOOP, metavar="POLICY",
+                       panel="Generation")
     batch_size: int = opt(1, "Records per generation call: one padded batch (transformers), one llama.cpp batch "
                              "when greedy (llama-cpp).", min=1, metavar="N",
                           backends={"transformers": "batch_size"}, forward=True, panel="Generation")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from metaalign_cli import __version__
-from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt
+from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, trim_loop
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
 from metaalign_cli.records import (JsonlWriter, SourceRecord, check_record_id, extract_query_response,
@@ -44,7 +44,9 @@ class RecordFailed(MetaAlignError):
 @dataclass
 class CorrectionOptions:
     """How to correct. ``objectives``: the default objectives (a record's own ``objectives``
-    list overrides them); ``prompt_format``: None uses the template's (raw or chat)."""
+    list overrides them); ``prompt_format``: None uses the template's (raw or chat);
+    ``on_loop``: ``trim`` cuts a generation the loop guard stopped to what it said before it
+    repeated (:func:`~metaalign_cli.backends.base.trim_loop`), ``keep`` leaves it as cut."""
 
     template: CorrectionTemplate
     objective_set: ObjectiveSet
@@ -59,6 +61,7 @@ class CorrectionOptions:
     batch_size: int = 1
     concurrency: int = 1
     scale_to_response: bool = False
+    on_loop: Literal["trim", "keep"] = "trim"
 
 
 @dataclass
@@ -68,7 +71,7 @@ class CorrectionReport:
     cut from the start of the query), ``looped`` (stopped by the loop guard), ``capped``
     (stopped by ``max_new_tokens``: finish reason ``length``), ``empty``
     (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``;
-    ``prompts``: lines written by ``--dry-run``."""
+    ``trimmed``: loops cut back by ``--on-loop trim``; ``prompts``: lines written by ``--dry-run``."""
 
     written: int = 0
     corrected: int = 0
@@ -76,6 +79,7 @@ class CorrectionReport:
     resumed: int = 0
     truncated: int = 0
     looped: int = 0
+    trimmed: int = 0
     capped: int = 0
     empty: int = 0
     generated_tokens: int = 0
@@ -96,7 +100,8 @@ class CorrectionReport:
         s = self.seconds
         return {"written": self.written, "corrected": self.corrected, "failed": self.failed,
                 "resumed": self.resumed, "failed_before": self.failed_before, "truncated": self.truncated,
-                "looped": self.looped, "capped": self.capped, "empty": self.empty, "generated_tokens": self.generated_tokens,
+                "looped": self.looped, "trimmed": self.trimmed, "capped": self.capped, "empty": self.empty,
+                "generated_tokens": self.generated_tokens,
                 "seconds": round(s, 3), "records_per_s": round(self.written / s, 3) if s else None,
                 "tokens_per_s": round(self.generated_tokens / s, 2) if s else None, "model": self.model}
 
@@ -290,6 +295,7 @@ def generation_record(opts: CorrectionOptions, backend: Backend) -> dict:
     response-scaled cap, ``max_new_tokens`` is ``"auto"`` and ``max_new_tokens_ceiling`` the
     ceiling (each record's own cap is in its provenance)."""
     d = effective_settings(opts.settings, backend).to_dict()
+    d["on_loop"] = opts.on_loop
     if opts.scale_to_response:
         d["max_new_tokens_ceiling"] = d["max_new_tokens"]
         d["max_new_tokens"] = "auto"
@@ -342,10 +348,18 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
         if "error" in out and isinstance(out.get("metaalign"), dict):
             del out["error"]  # a failure recorded by an earlier `--on-error keep` run of ours, now fixed
         text = g.text.strip()
+        trimmed = False
+        if g.finish_reason == "loop" and opts.on_loop == "trim":
+            cut = trim_loop(text)
+            trimmed = cut != text
+            text = cut
         out[opts.output_field] = text
         prov = {**provenance_base, "objectives": it.objective_names,
                 "objectives_sha": objectives_sha(it.objectives, opts), "input_line": it.rec.line,
                 "finish_reason": g.finish_reason}
+        if trimmed:
+            prov["loop_trimmed"] = True
+            report.trimmed += 1
         if opts.scale_to_response:
             prov["max_new_tokens"] = it.settings.max_new_tokens
         if not text:
@@ -484,7 +498,7 @@ def correction_options(cfg: "CorrectConfig", objective_set: ObjectiveSet, templa
                              prompt_format=prompt_format, system=cfg.system, query_field=cfg.query_field,
                              response_field=cfg.response_field, output_field=cfg.output_field,
                              on_error=cfg.on_error, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                             scale_to_response=auto)
+                             scale_to_response=auto, on_loop=cfg.on_loop)
 
 
 def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: str, model: str,

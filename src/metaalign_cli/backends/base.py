@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import asdict, dataclass, field
 
 from pydantic import BaseModel, ConfigDict
@@ -95,6 +96,39 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
         if all(tail[i] == tail[i - p] for i in range(m - span + p, m)):
             return True
     return False
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+
+
+def trim_loop(text: str, max_period: int = 64) -> str:
+    """A generation the loop guard stopped, cut to what it said before it began repeating
+    (``correct --on-loop trim``): the text up to the end of the first copy of the unit of
+    whitespace-separated words its tail repeats (period <= ``max_period`` words; the last word
+    may be cut mid-way and is not compared), then back to the last whole sentence (ending in
+    . ! or ?, closing quotes and brackets included) if there is one. Text whose tail does not
+    repeat word for word is only cut back to its last whole sentence; text with no sentence end
+    comes back as it is.
+
+    Example: ``"I'm glad. I'm happy to help. I'm happy to help. I'm hap"`` -> ``"I'm glad. I'm
+    happy to help."``
+    """
+    spans = [m.span() for m in re.finditer(r"\S+", text)]
+    words = [text[a:b] for a, b in spans]
+    n = len(words) - 1 if words and not text[-1:].isspace() else len(words)
+    best: tuple[int, int] | None = None  # (where the repetition starts, period)
+    for p in range(1, min(max_period, n // 2) + 1):
+        if any(words[i] != words[i + p] for i in range(n - 2 * p, n - p)):
+            continue
+        i = n - p - 1
+        while i >= 0 and words[i] == words[i + p]:
+            i -= 1
+        if best is None or i + 1 < best[0]:
+            best = (i + 1, p)
+    keep = best[0] + best[1] if best else len(words)
+    ends = [j + 1 for j in range(keep) if _SENTENCE_END.search(words[j])]
+    cut = ends[-1] if ends else keep
+    return text[:spans[cut - 1][1]] if cut > 0 else text
 
 
 def loop_cut(tokens, every: int = 8) -> int | None:
