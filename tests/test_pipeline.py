@@ -185,8 +185,14 @@ def test_trim_loop_hand_worked():
     # the tail repeats a 5-word unit; the last word is cut mid-way: keep the first copy
     assert trim_loop("Sure. I can help with that. I can help with that. I can help with that. I can he") == \
         "Sure. I can help with that."
-    # a unit that is not a whole sentence: back to the last sentence end before it
-    assert trim_loop("No. You are right, and you are right, and you are right, and you") == "No."
+    # a unit that is not a whole sentence: its first copy, nothing before it cut
+    assert trim_loop("No. You are right, and you are right, and you are right, and you") == \
+        "No. You are right, and you"
+    assert trim_loop("Ideas:\n- apples\n- pears\n- plums\n- plums\n- plums\n- plu") == "Ideas:\n- apples\n- pears\n- plums"
+    # list numbers, initials and abbreviations do not end a sentence; a closing » does
+    assert trim_loop("Of course! Mr. Smith and Mr. Smith and Mr. Smith and Mr. Sm") == "Of course! Mr. Smith and"
+    assert trim_loop("1. First 2. Second 2. Second 2. Second 2. Sec") == "1. First 2. Second"
+    assert trim_loop("He replied: «Oui.» and «Oui.» and «Oui.» an") == "He replied: «Oui.»"
     # a repetition with no sentence end at all: the first copy of the unit
     assert trim_loop("very very very very very") == "very"
     # no word-for-word repetition: only back to the last whole sentence ("quoted." ends one)
@@ -215,3 +221,46 @@ def test_on_loop_trims_by_default_and_keep_leaves_the_guards_cut(tmp_path, scrip
     f.write_bytes(r.stdout.splitlines(keepends=True)[0])
     r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(f), input=inp)
     assert r.returncode == 2 and "generation.on_loop 'keep' there, 'trim' now" in r.stderr.decode()
+    # a file written before --on-loop (no on_loop recorded) kept its loops: it resumes under keep
+    old = json.loads(f.read_text())
+    del old["metaalign"]["generation"]["on_loop"]
+    f.write_text(json.dumps(old) + "\n")
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(f), input=inp)
+    assert r.returncode == 2 and "generation.on_loop 'keep' there, 'trim' now" in r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "--on-loop", "keep", "-o", str(f), input=inp)
+    assert r.returncode == 0 and [o["id"] for o in rows(f.read_bytes())] == [1, 2]
+    # without the loop guard the policy does nothing and is not recorded
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--no-loop-guard", input=inp)
+    assert "on_loop" not in rows(r.stdout)[0]["metaalign"]["generation"]
+
+
+def test_a_finished_file_resumed_with_other_settings_is_still_refused(tmp_path, scripted_backend):
+    f = tmp_path / "o.jsonl"
+    inp = '{"id": 1, "query": "q", "response": "a"}\n'
+    assert cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(f), input=inp).returncode == 0
+    r = cli("correct", "-b", "scripted", "-O", "harmless", "--resume", "-o", str(f), input=inp)
+    assert r.returncode == 2 and "objectives ['helpful'] there, ['harmless'] now" in r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(f), input=inp)
+    assert r.returncode == 0 and "0 record(s), 0 failed, 1 already done" in r.stderr.decode()
+
+
+def test_dry_run_keep_writes_the_bad_records_error_and_unreadable_input_is_one_line(tmp_path):
+    import socket
+
+    src = '{"id": "a", "query": "Q1?", "response": "A1."}\n{"id": "b", "query": "Q2?"}\n'
+    r = cli("correct", "--dry-run", "-O", "helpful", "--on-error", "keep", input=src)
+    out = rows(r.stdout)
+    assert r.returncode == 1 and [o["id"] for o in out] == ["a", "b"] and "prompt" in out[0]
+    assert out[1]["line"] == 2 and "missing response" in out[1]["error"] and "prompt" not in out[1]
+    sock = tmp_path / "s.jsonl"  # a file open() refuses (ENXIO): one line naming it, exit 2
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+        r = cli("correct", "--dry-run", "-O", "helpful", str(sock))
+    assert r.returncode == 2 and r.stderr.decode().strip().startswith(f"error: {sock}: cannot read input")
+
+
+def test_help_shows_backend_defaults_only_for_the_commands_that_take_them():
+    build = " ".join(cli("build-data", "--help").stdout.decode().split())
+    train = " ".join(cli("train", "--help").stdout.decode().split())
+    assert "--tokenizer PATH GGUF file or local HF tokenizer directory" in build and "[openai]" not in build
+    assert "[transformers; default auto]" not in train and "[default: auto]" in train

@@ -32,7 +32,7 @@ class SectionedCommand(TyperCommand):
     def format_options(self, ctx, formatter) -> None:
         args, sections = [], {}
         for param in self.get_params(ctx):
-            f = _BACKEND_OPTIONS.get(param.name)
+            f = _BACKEND_OPTIONS.get((_COMMAND_CLASS.get(self.name), param.name))
             if f is not None and not getattr(param, "backend_defaults_shown", False):
                 # per-backend defaults: read (importing every backend) only when help is printed
                 param.help = (param.help or "") + _backend_default_text(f)
@@ -65,20 +65,21 @@ def _backend_default_text(f: dataclasses.Field) -> str:
     return f" [{' | '.join(parts)}]"
 
 
-#: Backend option fields by parameter name (declared once, in config's model options), whose help
-#: gets each backend's default at help time.
-_BACKEND_OPTIONS: dict[str, dataclasses.Field] = {}
+#: Backend option fields by (config class, parameter name), whose help gets each backend's
+#: default at help time; and each command's config class.
+_BACKEND_OPTIONS: dict[tuple[type, str], dataclasses.Field] = {}
+_COMMAND_CLASS: dict[str, type] = {}
 
 
 def _is_backend_option(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("backends")) and not f.metadata.get("forward")
 
 
-def _default_text(f: dataclasses.Field) -> str:
+def _default_text(f: dataclasses.Field, cls) -> str:
     """``[default: X]`` for a field whose default says something (not None, False or []);
     backend options get theirs at help time (:func:`_backend_default_text`)."""
     if _is_backend_option(f):
-        _BACKEND_OPTIONS[f.name] = f
+        _BACKEND_OPTIONS[(cls, f.name)] = f
         return ""
     d = f.default
     if d is dataclasses.MISSING or d is None or d is False or d == []:
@@ -91,7 +92,7 @@ def _default_text(f: dataclasses.Field) -> str:
 def _parameter(f: dataclasses.Field, cls) -> inspect.Parameter:
     m = f.metadata
     kind = field_kind(f, cls)
-    helptext = m["help"] + _default_text(f)
+    helptext = m["help"] + _default_text(f, cls)
     if m.get("argument"):
         if kind == "list":
             ann = Annotated[list[str], typer.Argument(help=helptext, metavar=m.get("metavar"), show_default=False)]
@@ -164,4 +165,5 @@ def register(app: typer.Typer, name: str, cls, handler: Callable[[Any, dict], An
              extras: tuple[inspect.Parameter, ...] = ()) -> None:
     """Add command ``name`` to ``app``, generated from config class ``cls`` (see
     :func:`config_command`); ``short`` is its line in ``metaalign --help``."""
+    _COMMAND_CLASS[name] = cls
     app.command(name, cls=SectionedCommand, short_help=short)(config_command(cls, handler, doc, extras))

@@ -295,7 +295,8 @@ def generation_record(opts: CorrectionOptions, backend: Backend) -> dict:
     response-scaled cap, ``max_new_tokens`` is ``"auto"`` and ``max_new_tokens_ceiling`` the
     ceiling (each record's own cap is in its provenance)."""
     d = effective_settings(opts.settings, backend).to_dict()
-    d["on_loop"] = opts.on_loop
+    if opts.settings.loop_guard:  # what the output keeps of a loop (nothing to keep without the guard)
+        d["on_loop"] = opts.on_loop
     if opts.scale_to_response:
         d["max_new_tokens_ceiling"] = d["max_new_tokens"]
         d["max_new_tokens"] = "auto"
@@ -456,6 +457,9 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         if not checked_settings:
             if "template_sha" not in prov:  # written before templates were fingerprinted
                 now.pop("template_sha")
+            gen = prov.get("generation")
+            if isinstance(gen, dict) and gen.get("loop_guard") and "on_loop" not in gen:
+                prov = {**prov, "generation": {**gen, "on_loop": "keep"}}  # written before --on-loop: kept loops
             why = provenance_mismatch(prov, now) or objective_text_mismatch(rec, prov, opts, path)
             if why:
                 return why
@@ -506,8 +510,8 @@ def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: 
     """``correct --dry-run``: one line per good record, ``{"id", "line", "prompt", "chat",
     "system", "objectives"}``, ``prompt`` being T(q, y, O, "better") as :func:`build_prompt`
     renders it for the model (before any cut to fit the context, which needs the model's
-    tokenizer). Bad records are warned and counted as failed. Returns the report
-    (``prompts`` = lines written)."""
+    tokenizer). Bad records are warned and counted as failed (under ``on_error='keep'`` also
+    written as ``{"id", "line", "error"}``). Returns the report (``prompts`` = prompts written)."""
     report = CorrectionReport(model=model)
     with JsonlWriter(output) as writer:
         for it in items:
@@ -515,6 +519,8 @@ def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: 
                 report.failed += 1
                 report.errors.append(str(it.error))
                 warn(str(it.error))
+                if opts.on_error == "keep":
+                    writer.write({"id": (it.rec.data or {}).get("id"), "line": it.rec.line, "error": str(it.error)})
                 continue
             p = build_prompt(it.question, it.answer, it.objectives, opts)
             writer.write({"id": (it.rec.data or {}).get("id"), "line": it.rec.line, "prompt": p.text, "chat": p.chat,
@@ -533,7 +539,7 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     template and model are resolved (:func:`metaalign_cli.models.resolve_model`, nothing
     loaded), every input record is read and checked (under ``on_error='fail'`` the first bad
     record stops the run here, before the model loads), ``--resume``'s output file is read,
-    then the model loads unless no record is left to correct (``backend`` given: used as it
+    then the model loads unless the input holds no record at all (``backend`` given: used as it
     is, e.g. a test's scripted backend) and its settings are checked against the file's, then
     records are corrected and written one line each. ``on_model(label)`` is told which model is used; ``warn(msg)`` gets repairs,
     load notes and per-record errors; ``on_progress(records, tokens)``.
@@ -566,7 +572,7 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         on_model(resolved.label)
     if cfg.dry_run:
         return write_prompts(items, opts, cfg.output, resolved.label if resolved is not None else backend.model_id, warn)
-    if not items:  # nothing to generate: the model is not loaded (the output file still exists)
+    if not items and not cfg.resume:  # nothing to generate: no model loads (the output file still exists)
         with JsonlWriter(cfg.output, append=cfg.resume):
             pass
         report = CorrectionReport(model=resolved.label if resolved is not None else backend.model_id,

@@ -169,9 +169,12 @@ def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
         raise InputError("is a directory, not a file", source=str(p))
     if not p.exists():
         raise InputError("input file not found", source=str(p))
-    if str(p).endswith(".gz"):
-        return gzip.open(p, "rb")
-    return open(p, "rb")
+    try:
+        if str(p).endswith(".gz"):
+            return gzip.open(p, "rb")
+        return open(p, "rb")
+    except OSError as e:  # unreadable (permissions, a socket...): one line naming the file
+        raise read_error(str(p), e) from None
 
 
 # What reading an input can raise besides decoding: I/O errors, a truncated gzip stream

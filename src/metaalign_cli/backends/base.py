@@ -98,17 +98,25 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
     return False
 
 
-_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019\u00bb)\]]*$")
+# Words ending in "." that do not end a sentence: list numbers ("2."), initials ("J."),
+# common abbreviations.
+_NOT_SENTENCE_END = re.compile(r"^(\d+|[A-Za-z]|mr|mrs|ms|dr|prof|st|jr|sr|vs|etc|e\.g|i\.e|no|approx|fig)\.$", re.I)
+
+
+def _ends_sentence(word: str) -> bool:
+    return bool(_SENTENCE_END.search(word)) and not _NOT_SENTENCE_END.match(word)
 
 
 def trim_loop(text: str, max_period: int = 64) -> str:
     """A generation the loop guard stopped, cut to what it said before it began repeating
     (``correct --on-loop trim``): the text up to the end of the first copy of the unit of
     whitespace-separated words its tail repeats (period <= ``max_period`` words; the last word
-    may be cut mid-way and is not compared), then back to the last whole sentence (ending in
-    . ! or ?, closing quotes and brackets included) if there is one. Text whose tail does not
-    repeat word for word is only cut back to its last whole sentence; text with no sentence end
-    comes back as it is.
+    may be cut mid-way and is not compared), and within that copy back to its last sentence end
+    (. ! or ?, closing quotes and brackets included; not list numbers, initials or "e.g."-like
+    abbreviations) if it has one. Nothing before the repetition is cut. Text whose tail does not
+    repeat word for word is only cut back to its last sentence end; text with none comes back
+    as it is.
 
     Example: ``"I'm glad. I'm happy to help. I'm happy to help. I'm hap"`` -> ``"I'm glad. I'm
     happy to help."``
@@ -125,8 +133,8 @@ def trim_loop(text: str, max_period: int = 64) -> str:
             i -= 1
         if best is None or i + 1 < best[0]:
             best = (i + 1, p)
-    keep = best[0] + best[1] if best else len(words)
-    ends = [j + 1 for j in range(keep) if _SENTENCE_END.search(words[j])]
+    lo, keep = (best[0], best[0] + best[1]) if best else (0, len(words))
+    ends = [j + 1 for j in range(lo, keep) if _ends_sentence(words[j])]
     cut = ends[-1] if ends else keep
     return text[:spans[cut - 1][1]] if cut > 0 else text
 

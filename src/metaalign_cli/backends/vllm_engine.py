@@ -210,9 +210,9 @@ class VLLMBackend(Backend):
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The token ids sent for ``prompt``: chat prompts rendered by the model's chat template
-        (the tokenizer's, as ``LLM.chat`` does), raw prompts with the model's BOS. The last
-        chunk's prompts are remembered, so fitting a prompt to the context and generating it
-        tokenize it once. Raises MetaAlignError when a chat prompt meets a model without a chat
+        (the tokenizer's, as ``LLM.chat`` does), raw prompts with the model's BOS. Prompts are
+        remembered (up to 4 x ``max_num_seqs``, then the memory starts again), so fitting a
+        prompt to the context and generating it usually tokenize it once. Raises MetaAlignError when a chat prompt meets a model without a chat
         template."""
         cache = self.__dict__.setdefault("_ids", {})
         if prompt not in cache:

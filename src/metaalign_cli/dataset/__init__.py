@@ -52,8 +52,8 @@ The parts, one module each: :mod:`.algorithm` (Algorithm 1 and the warm-up sampl
 whole build).
 """
 
-# Names are imported on first use (PEP 562), so importing one part (``from metaalign_cli.dataset.algorithm
-# import STAGES``, as the CLI does at start-up) does not import the others.
+# Names are imported on first use (PEP 562), so importing one part (``from metaalign_cli.dataset.formats
+# import split_hh_transcripts``) does not import the others.
 _WHERE = {
     **dict.fromkeys(["SPLITS", "STAGES", "DatasetItem", "RatedPair", "Relation", "build_dynamic_dataset", "pair_rng"], "algorithm"),
     **dict.fromkeys(["BuildOptions", "build_data"], "build"),

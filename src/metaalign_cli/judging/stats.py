@@ -46,8 +46,10 @@ def win_rate_stats(rows: list[dict]) -> dict:
 
     ``n`` valid units (W + T + L), ``wins``/``ties``/``losses``/``invalid`` counts,
     ``win_rate`` = W / n as the paper reports it (Algorithm 2 lines 22-23) with a Wilson 95%
-    interval ``win_rate_ci``, ``win_rate_ties_half`` = (W + 0.5 T) / n with a normal 95%
-    interval on the per-unit score (1 / 0.5 / 0) ``win_rate_ties_half_ci``; and with both
+    interval ``win_rate_ci``, ``win_rate_ties_half`` = (W + 0.5 T) / n with the Wilson 95%
+    interval of W + 0.5 T successes in n ``win_rate_ties_half_ci`` (``shared/quality``'s
+    protocol; never zero-width, as a normal interval on the scores is when all units agree);
+    and with both
     orders ``consistent``/``position_consistency`` (agreeing pairs / pairs with two valid
     verdicts). Invalid units are excluded from every rate.
     """
