@@ -698,5 +698,7 @@ def test_dry_run_writes_the_prompts_without_loading_a_model(tmp_path):
     r = run_cli("correct", "--dry-run", "--model", str(junk), "-O", "helpful", "--on-error", "skip",
                 input=src + '{"id": "c", "query": "Q3?"}\n')
     assert r.returncode == 1 and len(lines(r.stdout)) == 2 and "missing response" in r.stderr.decode()
+    r = run_cli("correct", "--dry-run", "-O", "helpful", str(CASES / "lone-surrogate.jsonl"))
+    assert r.returncode == 0 and "lone surrogate replaced with U+FFFD" in r.stderr.decode()
     r = run_cli("correct", "--dry-run", "--resume", "-o", str(tmp_path / "o.jsonl"), "-O", "helpful", input=src)
     assert r.returncode == 2 and "dry_run" in r.stderr.decode().replace("-", "_")

@@ -515,6 +515,8 @@ def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: 
     report = CorrectionReport(model=model)
     with JsonlWriter(output) as writer:
         for it in items:
+            for w in it.rec.warnings:  # repairs made when reading (lone surrogates), as a real run reports them
+                warn(w)
             if it.error is not None:
                 report.failed += 1
                 report.errors.append(str(it.error))
