@@ -70,8 +70,9 @@ class CorrectionReport:
     (errors under skip/keep), ``resumed`` (skipped as already done), ``truncated`` (context
     cut from the start of the query), ``looped`` (stopped by the loop guard), ``capped``
     (stopped by ``max_new_tokens``: finish reason ``length``), ``empty``
-    (corrected to an empty text: flagged ``"empty": true`` in the provenance), ``generated_tokens``, ``seconds``;
-    ``trimmed``: loops cut back by ``--on-loop trim``; ``prompts``: lines written by ``--dry-run``."""
+    (corrected to an empty text: flagged ``"empty": true`` in the provenance),
+    ``generated_tokens``, ``seconds``; ``trimmed``: loops cut back by ``--on-loop trim``;
+    ``prompts``: prompts written by ``--dry-run``."""
 
     written: int = 0
     corrected: int = 0
@@ -517,16 +518,17 @@ def write_prompts(items: list[PreparedRecord], opts: CorrectionOptions, output: 
         for it in items:
             for w in it.rec.warnings:  # repairs made when reading (lone surrogates), as a real run reports them
                 warn(w)
+            where = {"id": (it.rec.data or {}).get("id"), "line": it.rec.line}
             if it.error is not None:
                 report.failed += 1
                 report.errors.append(str(it.error))
                 warn(str(it.error))
                 if opts.on_error == "keep":
-                    writer.write({"id": (it.rec.data or {}).get("id"), "line": it.rec.line, "error": str(it.error)})
+                    writer.write({**where, "error": str(it.error)})
                 continue
             p = build_prompt(it.question, it.answer, it.objectives, opts)
-            writer.write({"id": (it.rec.data or {}).get("id"), "line": it.rec.line, "prompt": p.text, "chat": p.chat,
-                          "system": p.system, "objectives": it.objective_names})
+            writer.write({**where, "prompt": p.text, "chat": p.chat, "system": p.system,
+                          "objectives": it.objective_names})
             report.prompts += 1
     return report
 
@@ -543,8 +545,9 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     record stops the run here, before the model loads), ``--resume``'s output file is read,
     then the model loads unless the input holds no record at all (``backend`` given: used as it
     is, e.g. a test's scripted backend) and its settings are checked against the file's, then
-    records are corrected and written one line each. ``on_model(label)`` is told which model is used; ``warn(msg)`` gets repairs,
-    load notes and per-record errors; ``on_progress(records, tokens)``.
+    records are corrected and written one line each. ``on_model(label)`` is told which model
+    is used; ``warn(msg)`` gets repairs, load notes and per-record errors;
+    ``on_progress(records, tokens)``.
 
     Returns the :class:`CorrectionReport` (``to_dict()`` is the summary, ``exit_code`` the
     process's). Raises RecordFailed (a bad record under ``fail``; everything before it
@@ -572,14 +575,13 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
     if resolved is not None and on_model:
         on_model(resolved.label)
+    label = resolved.label if resolved is not None else backend.model_id
     if cfg.dry_run:
-        return write_prompts(items, opts, cfg.output, resolved.label if resolved is not None else backend.model_id, warn)
+        return write_prompts(items, opts, cfg.output, label, warn)
     if not items and not cfg.resume:  # nothing to generate: no model loads (the output file still exists)
-        with JsonlWriter(cfg.output, append=cfg.resume):
+        with JsonlWriter(cfg.output):
             pass
-        report = CorrectionReport(model=resolved.label if resolved is not None else backend.model_id,
-                                  resumed=resumed, failed_before=done.kept_failures if done else 0)
-        return report
+        return CorrectionReport(model=label)
     own = backend is None
     be = backend if backend is not None else resolved.load()
     try:
