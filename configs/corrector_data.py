@@ -35,7 +35,10 @@ Two steps, both deterministic (seeded), reading only ../shared/data and files ma
      instructions (as one-turn dialogues, the form the development set uses).
 
    Each kind is sampled to the size asked (``--fix-hh N`` ...), with ``--max-refusal-share``
-   capping the share of ``fix``/``pref`` targets that open with a refusal. All kinds go to one
+   capping the share of ``fix``/``pref`` targets that open with a refusal and
+   ``--max-keep-refusal-share`` that of each ``keep`` part (Claude-3's answers of at most
+   ``--max-target-words`` words are nearly all refusals; ``--keep-samples-models claude,gpt35``
+   adds gpt-3.5-turbo's, mostly short non-refusals). All kinds go to one
    stage file (``--stage``, default preference), shuffled, so the last stage sees the mixture.
 
     python configs/corrector_data.py pools -o ../runs/data/pools --exclude-instructions ../eval/dev/multi-aspect-instructions.jsonl
@@ -68,6 +71,9 @@ REFUSAL = re.compile(r"^\s*(i apologi[sz]e|i'?m sorry|i am sorry|sorry|i cannot|
                      r"i will not|i'?m not able|i am not able|i'?m unable|i am unable|as an ai|"
                      r"i do not feel comfortable|i don'?t feel comfortable|it is not appropriate|"
                      r"it'?s not appropriate|i must decline|i'?m just an ai)", re.I)
+
+
+SAMPLE_MODELS = {"claude": "Claude-3", "gpt35": "gpt-3.5-turbo"}
 
 
 def is_refusal(text: str) -> bool:
@@ -290,9 +296,11 @@ def pref_rows(ren: Renderer, pools: Path, exclude: set[str], seed: int) -> tuple
     return out[0], out[1]
 
 
-def sample(rows: list[dict], n: int, rng: random.Random, max_refusal_share: float | None = None) -> list[dict]:
-    """A seeded sample of ``n`` rows; with ``max_refusal_share``, at most that share of the
-    sample has a target that opens with a refusal (the rest are drawn from the others)."""
+def sample(rows: list[dict], n: int, rng: random.Random, max_refusal_share: float | None = None,
+           cap_only: bool = False) -> list[dict]:
+    """A seeded sample of ``n`` rows; with ``max_refusal_share``, that share of the sample (or all
+    the refusals there are, if fewer) has a target that opens with a refusal, the rest drawn from
+    the others. ``cap_only``: never more refusals than a plain draw of ``n`` would hold."""
     rows = list(rows)
     rng.shuffle(rows)
     if max_refusal_share is None:
@@ -300,6 +308,8 @@ def sample(rows: list[dict], n: int, rng: random.Random, max_refusal_share: floa
     ref = [r for r in rows if is_refusal(r["target"])]
     other = [r for r in rows if not is_refusal(r["target"])]
     k = min(len(ref), int(max_refusal_share * n))
+    if cap_only:
+        k = min(k, sum(is_refusal(r["target"]) for r in rows[:n]))
     picked = other[: n - k] + ref[:k]
     rng.shuffle(picked)
     return picked
@@ -336,10 +346,12 @@ def cmd_build(a) -> None:
                 fix["samples"].append(ren.row(f"fix:{r['id']}", "fix", r["query"], r["response"], pick[1], HH_OBJECTIVES,
                                               {"pool": "samples", "row": r["row"], "target_model": pick[0],
                                                "weak_finish": r.get("finish_reason")}))
-            c = r["claude"].strip()
-            if 8 <= len(c.split()) <= max_words:
-                keep["samples"].append(ren.row(f"keep:{r['id']}", "keep", r["query"], c, c, HH_OBJECTIVES,
-                                               {"pool": "samples", "row": r["row"], "model": "Claude-3"}))
+            for model in a.keep_samples_models.split(","):
+                c = r[model].strip()
+                if 8 <= len(c.split()) <= max_words:
+                    rid = f"keep:{r['id']}" if model == "claude" else f"keep:{r['id']}:{model}"
+                    keep["samples"].append(ren.row(rid, "keep", r["query"], c, c, HH_OBJECTIVES,
+                                                   {"pool": "samples", "row": r["row"], "model": SAMPLE_MODELS[model]}))
     # keep: an answer that is already good -> itself
     for r in read_jsonl(pools / "redteam.jsonl"):
         for m, ans in sorted(r["answers"].items()):
@@ -380,8 +392,8 @@ def cmd_build(a) -> None:
             ("pref", "hh", pref_hh, a.pref_hh), ("pref", "ma", pref_ma, a.pref_ma)]
     rows, report = [], []
     for kind, pool, cands, n in plan:
-        cap = a.max_refusal_share if kind != "keep" else None
-        got = sample(cands, n, rng, cap)
+        cap = a.max_refusal_share if kind != "keep" else a.max_keep_refusal_share
+        got = sample(cands, n, rng, cap, cap_only=kind == "keep")
         rows += got
         report.append({"kind": kind, "pool": pool, "available": len(cands), "asked": n, "used": len(got),
                        "refusal_targets": sum(is_refusal(r["target"]) for r in got)})
@@ -424,6 +436,10 @@ def main() -> None:
                    help="HH-RLHF chosen turns shorter than this (or short questions back) are not used")
     b.add_argument("--max-refusal-share", type=float, default=None,
                    help="at most this share of each fix/pref part may have a refusal target")
+    b.add_argument("--max-keep-refusal-share", type=float, default=None,
+                   help="at most this share of each keep part may be a refusal (short strong answers mostly are)")
+    b.add_argument("--keep-samples-models", default="claude", choices=["claude", "gpt35", "claude,gpt35"],
+                   help="whose answers to the samples rows are keep candidates (Claude-3, gpt-3.5-turbo, or both)")
     for kind, pools_ in (("fix", ("hh", "redteam", "general", "samples")), ("keep", ("hh", "redteam", "general", "ma", "samples")),
                          ("pref", ("hh", "ma"))):
         for pool in pools_:

@@ -95,6 +95,7 @@ def scripted_backend():
 
     register_backend("scripted", ScriptedBackend)
     ScriptedBackend.calls = []
+    ScriptedBackend.loads = 0
     yield ScriptedBackend
     BACKENDS.pop("scripted", None)
 

@@ -21,14 +21,17 @@ class ScriptedBackend(Backend):
     text is None (a server answering ``"text": null``); ``EMPTY`` an empty text; ``LONG``
     ``max_new_tokens`` words, finish reason ``length``; ``LOOP`` a looping text, finish reason
     ``loop``. Every call's
-    prompts are recorded in ``ScriptedBackend.calls`` (class attribute, reset per test)."""
+    prompts are recorded in ``ScriptedBackend.calls`` and each construction (a model load) counts
+    in ``ScriptedBackend.loads`` (class attributes, reset per test)."""
 
     name = "scripted"
     local = True
     Options = ScriptedOptions
     calls: list[list[str]] = []
+    loads: int = 0
 
     def __init__(self, model: str | None, n_ctx: int = 4096, answer: str | None = None):
+        ScriptedBackend.loads += 1
         self.model_id = model or "scripted-model"
         self.n_ctx = n_ctx
         self.answer = answer

@@ -80,7 +80,14 @@ def test_objective_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"x.yaml: missing key 'description'"):
         load_objective_file(bad)
     bad.write_text("name: x\ndescription: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"x.yaml: line \d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: invalid YAML: .*\(the file ends in a flow sequence begun on line 2\)$"):
+        load_objective_file(bad)
+    bad.write_text('name: x\ndescription: "The response\n  should be kind.\n\n')  # a quote never closed: 3 lines
+    with pytest.raises(ConfigError, match=r"x.yaml: line 3: invalid YAML: found unexpected end of stream "
+                                          r"\(the file ends in a quoted scalar begun on line 2\)$"):
+        load_objective_file(bad)
+    bad.write_text("name: x\n  bad: [\ndescription: y\n")  # not at the end: PyYAML's own line
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: invalid YAML: mapping values are not allowed here$"):
         load_objective_file(bad)
 
 

@@ -139,6 +139,19 @@ def test_resume_refuses_what_is_not_a_metaalign_output(tmp_path, scripted_backen
     assert r.returncode == 2 and "not a regular file" in r.stderr.decode()
 
 
+def test_judge_resume_of_another_input_is_refused_before_the_judge_loads(tmp_path, scripted_backend):
+    rec = '{"id": "%s", "query": "q", "response": "a", "corrected": "c", "golden": "g"}\n'
+    out = tmp_path / "j.jsonl"
+    r = cli("judge", "-b", "scripted", "-O", "helpful", "-o", str(out), "--max-invalid", "1", input=rec % "a")
+    assert r.returncode == 0, r.stderr.decode()
+    assert scripted_backend.loads == 1 and len(out.read_text().splitlines()) == 2  # response, corrected
+    r = cli("judge", "-b", "scripted", "-O", "helpful", "-o", str(out), "--resume", input=rec % "b")
+    assert r.returncode == 2 and "resumed rows do not match this run (record 'a'" in r.stderr.decode()
+    assert scripted_backend.loads == 1  # refused before the judge loaded
+    r = cli("judge", "-b", "scripted", "-O", "helpful", "-o", str(out), "--resume", "--max-invalid", "1", input=rec % "a")
+    assert r.returncode == 0 and scripted_backend.loads == 2
+
+
 def test_malformed_base_urls_are_usage_errors_without_their_secrets():
     for url, why in [("http://u:CANARY@[::1/v1", "is not a valid URL: Invalid IPv6 URL"),
                      ("u:CANARY@127.0.0.1:8000/v1", "needs http:// or https://"),

@@ -90,7 +90,7 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
 
     def on_model(label: str) -> None:
         if not cfg.quiet:
-            console.print(f"[dim]using {escape(label)}[/]")
+            console.print(f"[dim]{'prompts for' if cfg.dry_run else 'using'} {escape(label)}[/]")
 
     progress = progress_bar(cfg.quiet, TextColumn("{task.completed} records"),
                             TextColumn("{task.fields[rps]:.2f} records/s"), TextColumn("{task.fields[tokens]:.1f} tokens/s"))

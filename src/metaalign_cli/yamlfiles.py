@@ -19,19 +19,36 @@ def load_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> di
     """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read {what}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: {what} is not valid UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{line} invalid YAML: {problem}") from None
+        where, why = yaml_error_where(e, text)
+        raise ConfigError(f"{p}:{where} invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}{why}") from None
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):
         article = "an" if what[:1].lower() in "aeiou" else "a"
         raise ConfigError(f"{p}: {article} {what} must be a YAML mapping")
     return data
+
+
+def yaml_error_where(e: "yaml.YAMLError", text: str) -> tuple[str, str]:
+    """Where a YAML error in ``text`` is: ``(" line N:", "")``, or ``("", "")`` without a
+    position. An error at the end of the file (an unclosed quote or bracket) names the last line
+    and, as the second item, what was being read and the line it began on (PyYAML's own mark
+    is the empty line after the last newline)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return "", ""
+    if mark.index < len(text.rstrip()):
+        return f" line {mark.line + 1}:", ""
+    last = text.rstrip().count("\n") + 1
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    began = f" {ctx.removeprefix('while ').replace('scanning', 'in').replace('parsing', 'in')} begun on line " \
+            f"{cmark.line + 1}" if ctx and cmark is not None else ""
+    return f" line {last}:", f" (the file ends{began})"

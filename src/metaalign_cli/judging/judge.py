@@ -88,14 +88,10 @@ def is_failed_call(row: dict) -> bool:
     return row.get("outcome") == "invalid" and "judge call failed" in (row.get("invalid_reason") or "")
 
 
-def resumed_rows(path: str | os.PathLike, plan: JudgePlan, judge: dict) -> tuple[dict, int]:
-    """The rows of an earlier run in ``path`` to keep, by unit key (every row but failed
-    calls), and how many failed calls were left out. Raises InputError when the file is not judge output, holds rows this plan does not
-    have (another input or flags), rows of another mode, or rows judged with another judge
-    (identity, template, prompt format, settings, seed, order policy: see
-    :func:`metaalign_cli.resume.provenance_mismatch`)."""
-    from metaalign_cli.resume import provenance_mismatch
-
+def resumed_rows(path: str | os.PathLike, plan: JudgePlan) -> list[dict]:
+    """The rows of an earlier run in ``path``, checked against ``plan`` before any judge loads.
+    Raises InputError when the file is not judge output, holds rows this plan does not have
+    (another input or flags) or rows of another mode. :func:`kept_rows` checks their judge."""
     rows = load_done_rows(path)
     planned = {u.key for u in plan.units}
     for r in rows:
@@ -105,6 +101,16 @@ def resumed_rows(path: str | os.PathLike, plan: JudgePlan, judge: dict) -> tuple
                              "and flags", source=str(path))
         if r.get("mode", plan.options.mode) != plan.options.mode:
             raise InputError("holds rows of another --mode; cannot resume", source=str(path))
+    return rows
+
+
+def kept_rows(rows: list[dict], judge: dict, path: str | os.PathLike) -> tuple[dict, int]:
+    """The resumed ``rows`` (from :func:`resumed_rows`) to keep, by unit key (every row but
+    failed calls), and how many failed calls were left out. Raises InputError when they were
+    judged with another judge than ``judge`` (identity, template, prompt format, settings,
+    seed, order policy: see :func:`metaalign_cli.resume.provenance_mismatch`)."""
+    from metaalign_cli.resume import provenance_mismatch
+
     if rows:
         now = {k: v for k, v in judge.items() if k not in ("template_source", "retries", "parser", "version")}
         why = provenance_mismatch(rows[0].get("judge") or {}, now)
@@ -134,6 +140,7 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
 
     plan = plan or plan_judge(cfg)
     resolved = None if backend is not None else resolve_config(cfg, "judge")
+    earlier = resumed_rows(cfg.output, plan) if cfg.resume and Path(cfg.output).exists() else []
     if resolved is not None and on_model:
         on_model(resolved.label)
     own = backend is None
@@ -141,7 +148,7 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     store = None
     try:
         info = judge_info(be, plan.options)
-        kept, failed = resumed_rows(cfg.output, plan, info) if cfg.resume and Path(cfg.output).exists() else ({}, 0)
+        kept, failed = kept_rows(earlier, info, cfg.output)
         store = None if cfg.no_cache else JudgeCache(cfg.cache or default_cache_path())
         if cfg.dry_run:
             out = dry_run(plan.units, be, store, plan.options, set(kept))
