@@ -340,6 +340,7 @@ def test_empty_input_warns_and_failed_runs_create_no_directories(tmp_path):
     r = run_cli("correct", "-O", "helpful", "--model", str(junk), "-o", str(empty_out), input="")
     assert r.returncode == 0 and empty_out.read_bytes() == b"", r.stderr.decode()
     assert "no records to correct" in r.stderr.decode() and "error" not in r.stderr.decode()
+    assert "using" not in r.stderr.decode()  # no model is named, as none is used
     out = tmp_path / "new" / "dir" / "out.jsonl"
     r = run_cli("correct", "-O", "helpful", "-b", "scripted", "-o", str(out), input='{"query": "q"}\n')
     assert r.returncode == 2 and "missing response" in one_line_error(r.stderr)
