@@ -546,8 +546,8 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     then the model loads unless the input holds no record at all (``backend`` given: used as it
     is, e.g. a test's scripted backend) and its settings are checked against the file's, then
     records are corrected and written one line each. ``on_model(label)`` is told which model
-    is used (not for an input with no record, where none is); ``warn(msg)`` gets repairs, load notes and per-record errors;
-    ``on_progress(records, tokens)``.
+    is used (not for an input with no record, where none is); ``warn(msg)`` gets repairs, load
+    notes and per-record errors; ``on_progress(records, tokens)``.
 
     Returns the :class:`CorrectionReport` (``to_dict()`` is the summary, ``exit_code`` the
     process's). Raises RecordFailed (a bad record under ``fail``; everything before it
@@ -573,12 +573,13 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         raise RecordFailed(bad, True)
     if not items and not resumed:
         warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
-    if resolved is not None and on_model and (items or cfg.resume or cfg.dry_run):  # (no model for an empty input)
+    generates = bool(items) or cfg.resume  # else nothing to generate: no model loads
+    if resolved is not None and on_model and (generates or cfg.dry_run):
         on_model(resolved.label)
     label = resolved.label if resolved is not None else backend.model_id
     if cfg.dry_run:
         return write_prompts(items, opts, cfg.output, label, warn)
-    if not items and not cfg.resume:  # nothing to generate: no model loads (the output file still exists)
+    if not generates:  # (the output file still exists)
         with JsonlWriter(cfg.output):
             pass
         return CorrectionReport(model=label)
