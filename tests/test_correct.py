@@ -90,7 +90,7 @@ def test_correct_real_gguf_two_records(model):
             assert "lora_path" not in m
         else:
             assert m["lora_path"].endswith("data/corrector/metaalign-smollm2-lora-f16.gguf")
-        assert m["generation"]["repeat_penalty"] == 1.0
+        assert m["generation"]["repeat_penalty"] == (1.0 if model else 1.1)  # the shipped card's default
         assert m["quant"] == "q8_0"  # --quant auto: the embedded Q4_1 loads re-quantized to Q8_0
     assert "corrected 2 record(s)" in r.stderr.decode()
     assert ("prompted zero-shot" if model else "using the shipped corrector") in r.stderr.decode()
@@ -337,6 +337,8 @@ BAD = [
     ('{"query": "q", "response": "  "}\n', 1, "<stdin>:1: field 'response': empty text"),
     ('{"query": "q", "response": "r", "objectives": ["harmles"]}\n', 1,
      "<stdin>:1: field 'objectives': unknown objective 'harmles'; did you mean harmless"),
+    ('{"query": "q", "response": "r", "objectives": 5}\n', 1,
+     "<stdin>:1: field 'objectives': expected a list of objective names or one comma-separated string, got 5"),
     ('[1, 2]\n', 1, "<stdin>:1: expected a JSON object, got array"),
     ('{"query": "q", "response": "r"}\n{"query": "q", "response": "r", "query": "dup"}\n', 2,
      "<stdin>:2: field 'query': duplicate key in a JSON object (which value is meant?)"),
@@ -390,6 +392,14 @@ def test_unknown_objective_flag_exit_2():
     r = run_cli("correct", "--objectives", "harmles", input='{"query": "q", "response": "r"}\n')
     assert r.returncode == 2 and "did you mean harmless" in r.stderr.decode()
     assert r.stdout == b""
+    # Only the close names are suggested ('harmlesss' is near harmless/harmlessness, not fairness).
+    r = run_cli("correct", "--objectives", "harmlesss", input='{"query": "q", "response": "r"}\n')
+    assert "did you mean harmless? (known:" in r.stderr.decode()
+    # An empty flag is the flag's fault, not the record's (it is not the same as no flag).
+    r = run_cli("correct", "-O", " , ", input='{"query": "q", "response": "r"}\n')
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr.decode().strip().splitlines() == [
+        "error: --objectives: empty: name at least one (comma-separated), or leave it out: ' , '"]
 
 
 def test_case_lone_surrogate():

@@ -74,7 +74,10 @@ def test_unknown_objective_suggests(objset):
 def test_objective_file_errors(tmp_path):
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\ndescripton: typo\n")
-    with pytest.raises(ConfigError, match=r"x.yaml: unknown key 'descripton'"):
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'descripton' \(allowed: name, "):
+        load_objective_file(bad)
+    bad.write_text("name: x\n\ndescription: ''\n")  # a schema error names the key's line
+    with pytest.raises(ConfigError, match=r"x.yaml: line 3: key 'description': must not be empty$"):
         load_objective_file(bad)
     bad.write_text("name: x\n")
     with pytest.raises(ConfigError, match=r"x.yaml: missing key 'description'"):
@@ -144,7 +147,13 @@ def test_template_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"t.yaml: .*'better' lacks the placeholder \{aspects\}"):
         load_template(str(f))
     f.write_text("name: t\nbetter: '{aspects}{question}{answer}'\nequal: '{aspects}{question}{answer}'\nextra: 1\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'extra'"):
+    with pytest.raises(ConfigError, match=r"t.yaml: line 4: unknown key 'extra'$"):
+        load_template(str(f))
+    f.write_text("name: t\nkind: correction\n\nbetter: 5\nequal: '{aspects}{question}{answer}'\n")
+    with pytest.raises(ConfigError, match=r"t.yaml: line 4: key 'better': Input should be a valid string$"):
+        load_template(str(f))
+    f.write_text("name: t\nequal: '{aspects}{question}{answer}'\n")  # a missing key has no line
+    with pytest.raises(ConfigError, match=r"t.yaml: missing key 'better'$"):
         load_template(str(f))
     with pytest.raises(UnknownNameError, match="unknown template 'nope'.*hh-rlhf"):
         load_template("nope")

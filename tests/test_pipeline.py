@@ -4,9 +4,10 @@ chunking, ordering. Real models are tested in test_correct.py."""
 from __future__ import annotations
 
 import json
-
+import re
 from pathlib import Path
 
+import pytest
 from conftest import REPO, cli
 
 from metaalign_cli.correction import response_cap
@@ -190,6 +191,41 @@ def test_the_shipped_corrector_is_a_small_gguf_lora_on_the_embedded_base():
     assert card["gguf"] == str(default_model_path()) and (card["template"], card["prompt_format"]) == ("hh-rlhf", "raw")
     recipe = card["recipe"].split()[0]
     assert (REPO / recipe).is_file() and card["name"].endswith(f"({Path(recipe).stem})")
+
+
+def test_repeat_penalty_is_the_flag_else_the_cards_else_none(tmp_path, monkeypatch):
+    """The shipped card says the penalty it was judged with (1.1); --repeat-penalty overrides it; a
+    corrector whose card says none, or a plain model, gets 1.0. A bad card value is one line."""
+    from metaalign_cli.config import CorrectConfig, load_config
+    from metaalign_cli.correction import correction_options
+    from metaalign_cli.correctors import read_card
+    from metaalign_cli.errors import MetaAlignError
+    from metaalign_cli.models import resolve_config
+    from metaalign_cli.objectives import load_objectives
+    from metaalign_cli.templates import load_template
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no installed default: the shipped corrector
+    objset, tpl = load_objectives(include_user=False), load_template("hh-rlhf")
+
+    def penalty(**flags):
+        cfg = load_config(CorrectConfig, None, flags)
+        resolved = resolve_config(cfg, "corrector")
+        return resolved.kind, correction_options(cfg, objset, tpl, None, resolved.repeat_penalty).settings.repeat_penalty
+
+    assert penalty() == ("shipped", 1.1)
+    assert penalty(repeat_penalty="1.0") == ("shipped", 1.0)
+    assert penalty(model="smollm2") == ("prompted", 1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metaalign.json").write_text('{"template": "hh-rlhf"}')
+    assert penalty(model=str(run)) == ("run", 1.0)
+    (run / "metaalign.json").write_text('{"template": "hh-rlhf", "generation": {"repeat_penalty": 1.3}}')
+    assert penalty(model=str(run)) == ("run", 1.3)
+    for bad, msg in (('"fast"', "field 'generation': expected an object"),
+                     ('{"repeat_penalty": "1.1"}', "field 'generation.repeat_penalty': expected a number > 0, got '1.1'")):
+        (run / "metaalign.json").write_text('{"template": "hh-rlhf", "generation": ' + bad + '}')
+        with pytest.raises(MetaAlignError, match=re.escape(msg)):
+            read_card(run)
 
 
 def test_trim_loop_hand_worked():

@@ -77,9 +77,10 @@ def field_kind(f: dataclasses.Field, cls) -> str:
     return {str: "str", int: "int", float: "float", bool: "bool", Path: "str"}.get(base, "str")
 
 
-def coerce(cls, key: str, value: Any, source: str) -> Any:
+def coerce(cls, key: str, value: Any, source: str | None) -> Any:
     """A YAML or CLI value as the field's type (``1e-5`` is a string to YAML 1.1; a list may be
-    given comma-separated). Raises ConfigError naming the key."""
+    given comma-separated; an empty comma-separated string is refused). Raises ConfigError
+    naming the file and key, or the flag when ``source`` is None (a command-line value)."""
     f = {x.name: x for x in dataclasses.fields(cls)}[key]
     kind = field_kind(f, cls)
     if value is None:
@@ -87,7 +88,10 @@ def coerce(cls, key: str, value: Any, source: str) -> Any:
     try:
         if kind == "list":
             if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
+                out = [v.strip() for v in value.split(",") if v.strip()]
+                if not out:
+                    raise ValueError("empty: name at least one (comma-separated), or leave it out")
+                return out
             if not isinstance(value, (list, tuple)):
                 raise ValueError("expected a list")
             out: list[str] = []
@@ -116,7 +120,8 @@ def coerce(cls, key: str, value: Any, source: str) -> Any:
             raise ValueError("expected a single value")
         return str(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: key '{key}': {e}: {value!r}") from None
+        where = f"{source}: key '{key}'" if source is not None else flag_of(cls, key)
+        raise ConfigError(f"{where}: {e}: {value!r}") from None
 
 
 class Invalid(ValueError):
@@ -177,7 +182,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{src}: unknown key '{k}'{hint}")
     data = {k: coerce(cls, k, v, src) for k, v in data.items()}  # checked even where a flag overrides it
-    data.update({k: coerce(cls, k, v, src) for k, v in (overrides or {}).items() if v is not None})
+    data.update({k: coerce(cls, k, v, None) for k, v in (overrides or {}).items() if v is not None})
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for k, v in list(data.items()):
         if meta[k].get("choices") and isinstance(v, str):
@@ -316,7 +321,8 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
     temperature: float = opt(0.0, "0 = greedy.", min=0.0, metavar="T", panel="Generation")
     top_p: float = opt(1.0, "Nucleus sampling.", min=0.0, max=1.0, metavar="P", panel="Generation")
     top_k: int = opt(0, "0 = off.", min=0, metavar="K", panel="Generation")
-    repeat_penalty: float = opt(1.0, "1.0 = none.", min=0.01, metavar="X", panel="Generation")
+    repeat_penalty: float | None = opt(None, "1.0 = none. Default: the corrector card's (1.1 for the shipped "
+                                             "corrector), else 1.0.", min=0.01, metavar="X", panel="Generation")
     seed: int = opt(0, "Seed of sampling.", metavar="N", backends={"llama-cpp": "seed", "vllm": "seed"}, forward=True,
                     panel="Generation")
     loop_guard: bool = opt(True, "Stop a generation whose tail repeats (finish_reason 'loop').",

@@ -139,10 +139,6 @@ def record_objectives(rec: SourceRecord, opts: CorrectionOptions) -> list[Object
             raise InputError("no objectives: pass --objectives or give the record an 'objectives' list",
                              rec.source, rec.line, "objectives")
         return opts.objectives
-    if isinstance(own, str):
-        own = own.split(",")
-    if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
-        raise InputError("expected a list of objective names", rec.source, rec.line, "objectives")
     try:
         return opts.objective_set.resolve(own)
     except (UnknownNameError, ValueError) as e:
@@ -491,12 +487,15 @@ def objective_text_mismatch(rec: dict, prov: dict, opts: CorrectionOptions, path
 
 
 def correction_options(cfg: "CorrectConfig", objective_set: ObjectiveSet, template: CorrectionTemplate,
-                       prompt_format: str | None) -> CorrectionOptions:
-    """The pipeline options of a ``correct`` config (objectives resolved in ``objective_set``)."""
+                       prompt_format: str | None, card_repeat_penalty: float | None = None) -> CorrectionOptions:
+    """The pipeline options of a ``correct`` config (objectives resolved in ``objective_set``).
+    ``--repeat-penalty`` when given, else ``card_repeat_penalty`` (the corrector card's), else 1.0."""
     auto = str(cfg.max_new_tokens).lower() == "auto"
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS if auto else int(cfg.max_new_tokens),
                                   temperature=cfg.temperature, top_p=cfg.top_p,
-                                  top_k=cfg.top_k, repeat_penalty=cfg.repeat_penalty, seed=cfg.seed,
+                                  top_k=cfg.top_k, seed=cfg.seed,
+                                  repeat_penalty=next(x for x in (cfg.repeat_penalty, card_repeat_penalty, 1.0)
+                                                      if x is not None),
                                   loop_guard=cfg.loop_guard)
     objs = objective_set.resolve(cfg.objectives) if cfg.objectives else None
     return CorrectionOptions(template=template, objective_set=objective_set, objectives=objs, settings=settings,
@@ -565,7 +564,8 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     resolved = None if backend is not None else resolve_config(cfg, "corrector")
     tpl = load_template(cfg.template or (resolved.template if resolved else None) or "ultrafeedback",
                         kind="correction")
-    opts = correction_options(cfg, objset, tpl, cfg.prompt_format or (resolved.prompt_format if resolved else None))
+    opts = correction_options(cfg, objset, tpl, cfg.prompt_format or (resolved.prompt_format if resolved else None),
+                              resolved.repeat_penalty if resolved else None)
     done = done_records(cfg.output, cfg.output_field) if cfg.resume else None
     items, resumed = prepare_records(read_records(cfg.input, cfg.input_format), opts, done.keys if done else None)
     bad = first_input_error(items) if opts.on_error == "fail" else None

@@ -74,6 +74,12 @@ def read_card(directory: str | Path) -> dict:
             raise MetaAlignError(f"{path}: field '{key}': expected a string")
     if card.get("prompt_format") not in (None, "raw", "chat"):
         raise MetaAlignError(f"{path}: field 'prompt_format': must be raw or chat, not {card['prompt_format']!r}")
+    gen = card.get("generation")
+    if gen is not None and not isinstance(gen, dict):
+        raise MetaAlignError(f"{path}: field 'generation': expected an object")
+    rp = (gen or {}).get("repeat_penalty")
+    if rp is not None and (isinstance(rp, bool) or not isinstance(rp, (int, float)) or rp <= 0):
+        raise MetaAlignError(f"{path}: field 'generation.repeat_penalty': expected a number > 0, got {rp!r}")
     for key in ("gguf", "lora", "gguf_lora"):
         value = card.get(key)
         if not value:

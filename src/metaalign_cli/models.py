@@ -63,6 +63,12 @@ class ResolvedModel:
         return self.card.get("template")
 
     @property
+    def repeat_penalty(self) -> float | None:
+        """The repeat penalty the card says the corrector was judged with (its
+        ``generation.repeat_penalty``), or None (the card has none: 1.0 applies)."""
+        return (self.card.get("generation") or {}).get("repeat_penalty")
+
+    @property
     def prompt_format(self) -> str | None:
         """The card's prompt format; ``chat`` for the prompted demo without a LoRA (its chat
         template); else None (the template's)."""

@@ -23,7 +23,7 @@ from typing import Iterable
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from metaalign_cli.errors import ConfigError, UnknownNameError
-from metaalign_cli.yamlfiles import load_yaml_mapping
+from metaalign_cli.yamlfiles import key_where, load_yaml_mapping, schema_error
 
 
 class Objective(BaseModel):
@@ -81,24 +81,15 @@ def load_objective_file(path: str | Path) -> Objective:
     data = load_yaml_mapping(path, "objective file")
     data.setdefault("name", path.stem)
     unknown = [k for k in data if k not in Objective.model_fields or k == "source"]
+    allowed = " (allowed: name, aliases, label, description, renderings)"
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (allowed: name, aliases, label, description, renderings)")
+        raise ConfigError(f"{key_where(path, unknown[0])} unknown key '{unknown[0]}'{allowed}")
     if isinstance(data.get("aliases"), str):
         data["aliases"] = [data["aliases"]]
     try:
         return Objective(**data, source=str(path))
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_first_error(e)}") from None
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(file)"
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if err["type"] == "missing":
-        return f"missing key '{key}'"
-    return f"key '{key}': {err['msg']}"
+        raise schema_error(path, e, allowed) from None
 
 
 def builtin_objectives_dir() -> Path:
@@ -141,21 +132,27 @@ class ObjectiveSet:
         k = _key(name)
         if k in idx:
             return self.by_name[idx[k]]
-        close = difflib.get_close_matches(k, list(idx), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(dict.fromkeys(idx[c] for c in close))}?" if close else ""
+        score: dict[str, float] = {}
+        for key, obj_name in idx.items():  # an objective scores as its closest name or alias
+            score[obj_name] = max(score.get(obj_name, 0.0), difflib.SequenceMatcher(None, k, key).ratio())
+        best = max(score.values(), default=0.0)
+        close = sorted((n for n, r in score.items() if r >= 0.5 and r >= best - 0.1), key=lambda n: -score[n])[:3]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownNameError(
             f"unknown objective '{name}'{hint} (known: {', '.join(sorted(self.by_name))}; "
             "add a YAML file for a new one)")
 
     def resolve(self, names: str | Iterable[str]) -> list[Objective]:
         """Objectives for a comma-separated string or a list, in the order given, without
-        duplicates. Raises UnknownNameError for an unknown name, ValueError when empty."""
+        duplicates (a record's ``objectives`` field goes through here as it is). Raises
+        UnknownNameError for an unknown name, ValueError when empty or neither a string nor a
+        list of strings."""
         if isinstance(names, str):
             names = names.split(",")
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"expected a list of objective names or one comma-separated string, got {names!r}")
         out: list[Objective] = []
         for n in names:
-            if not isinstance(n, str):
-                raise UnknownNameError(f"objective names must be strings, got {n!r}")
             if not n.strip():
                 continue
             obj = self.get(n.strip())

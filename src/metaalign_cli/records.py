@@ -408,7 +408,8 @@ def _from_messages(rec: SourceRecord) -> tuple[str, str]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
                 not isinstance(m.get("content"), (str, list)):
-            raise InputError("each turn needs string 'role' and 'content'", rec.source, rec.line, f"messages[{i}]")
+            raise InputError("each turn needs a string 'role' and a 'content' string or list of content parts",
+                             rec.source, rec.line, f"messages[{i}]")
         turns.append((m["role"], _content_text(m["content"], rec, f"messages[{i}].content")))
     role, content = turns[-1]
     if role != "assistant":

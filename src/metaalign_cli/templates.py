@@ -22,7 +22,7 @@ from typing import Literal, Mapping
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from metaalign_cli.errors import ConfigError, UnknownNameError
-from metaalign_cli.yamlfiles import load_yaml_mapping
+from metaalign_cli.yamlfiles import key_where, load_yaml_mapping, schema_error
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -139,21 +139,11 @@ def load_template_file(path: str | Path) -> Template:
     cls = CorrectionTemplate if data["kind"] == "correction" else JudgeTemplate
     unknown = [k for k in data if k not in cls.model_fields or k == "source"]
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}'")
+        raise ConfigError(f"{key_where(path, unknown[0])} unknown key '{unknown[0]}'")
     try:
         return cls(**data, source=str(path))
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(file)"
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{key}'"
-        elif err["type"] == "missing":
-            msg = f"missing key '{key}'"
-        elif err["loc"]:
-            msg = f"key '{key}': {err['msg']}".replace("Value error, ", "")
-        else:
-            msg = err["msg"].replace("Value error, ", "")
-        raise ConfigError(f"{path}: {msg}") from None
+        raise schema_error(path, e) from None
 
 
 def _kind_of(path: Path) -> str | None:

@@ -4,10 +4,14 @@ name the file and line."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from metaalign_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def load_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> dict:
@@ -52,3 +56,34 @@ def yaml_error_where(e: "yaml.YAMLError", text: str) -> tuple[str, str]:
     began = f" {ctx.removeprefix('while ').replace('scanning', 'in').replace('parsing', 'in')} begun on line " \
             f"{cmark.line + 1}" if ctx and cmark is not None else ""
     return f" line {last}:", f" (the file ends{began})"
+
+
+def key_where(path: str | Path, key: str) -> str:
+    """``"<path>: line N:"`` for the top-level ``key`` of the YAML mapping in ``path``, or
+    ``"<path>:"`` when the file does not hold that key (or cannot be read)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        node = None
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return f"{path}: line {k.start_mark.line + 1}:"
+    return f"{path}:"
+
+
+def schema_error(path: str | Path, e: "ValidationError", allowed: str = "") -> ConfigError:
+    """One line for the first problem pydantic found in the YAML file ``path``: the file, the
+    key's line when the file holds the key, the key and what is wrong
+    (``t.yaml: line 3: key 'kind': Input should be ...``, ``t.yaml: missing key 'template'``).
+    ``allowed`` is appended to an unknown key's message."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    key = ".".join(loc)
+    msg = err["msg"].replace("Value error, ", "")
+    if err["type"] == "missing":
+        return ConfigError(f"{path}: missing key '{key}'")
+    where = key_where(path, loc[0]) if loc else f"{path}:"
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{where} unknown key '{key}'{allowed}")
+    return ConfigError(f"{where} key '{key}': {msg}" if loc else f"{where} {msg}")

@@ -120,10 +120,6 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
         if missing:
             raise InputError("; ".join(missing), r.source, r.line)
         if not objs:
-            if isinstance(own, str):
-                own = own.split(",")
-            if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
-                raise InputError("expected a list of objective names", r.source, r.line, "objectives")
             try:
                 objs = objective_set.resolve(own)
             except (UnknownNameError, ValueError) as e:
