@@ -127,8 +127,21 @@ def test_templates_byte_identical(name, better):
     assert t.better == better
     assert t.equal == better.replace("to improve it considering", "to make it equal considering").replace(
         "to make it better considering", "to make it equal considering")
-    assert t.render("Q", "A", "X", "better") == better.replace("{aspects}", "X").replace("{question}", "Q").replace("{answer}", "A")
-    assert t.render("Q", "A", "X").endswith("| Edit: ")
+    q = "\n\nHuman: Q\n\nAssistant:"  # an HH dialogue, as every query of the released checkpoints' data
+    assert t.render(q, "A", "X", "better") == better.replace("{aspects}", "X").replace("{question}", q).replace("{answer}", "A")
+    assert t.render(q, "A", "X").endswith("| Edit: ")
+    # A plain query (no Human: turn): as it is, except where the template frames it as one turn
+    # (hh-rlhf: the form its checkpoints and the shipped corrector's training data saw).
+    assert t.render("Q", "A", "X") == t.render(q if name == "hh-rlhf" else "Q", "A", "X")
+
+
+def test_hh_rlhf_frames_only_a_query_without_a_human_turn():
+    t = load_template("hh-rlhf")
+    ctx = lambda q: t.render(q, "A", "X").split(" | Context: ")[1].split(" | Answer: ")[0]  # noqa: E731
+    assert ctx("Say hi in Japanese") == "\n\nHuman: Say hi in Japanese\n\nAssistant:"
+    assert ctx("Human: hi\n\nAssistant:") == "Human: hi\n\nAssistant:"  # a dialogue is left as it is
+    assert ctx("\n\nSystem: Be brief.\n\nHuman: hi\n\nAssistant:") == "\n\nSystem: Be brief.\n\nHuman: hi\n\nAssistant:"
+    assert ctx("Is 'Human: x' a dialogue?") == "\n\nHuman: Is 'Human: x' a dialogue?\n\nAssistant:"  # not a turn
 
 
 def test_template_syntax_in_user_text_is_verbatim():
@@ -137,8 +150,8 @@ def test_template_syntax_in_user_text_is_verbatim():
     for c in cases:
         out = t.render(c["query"], c["response"], "ASPECTS")
         assert out.count(c["query"]) == 1 and out.count(c["response"]) == 1
-        assert out == HH_BETTER.replace("{aspects}", "ASPECTS", 1).split("{question}")[0] + c["query"] + \
-            " | Answer: " + c["response"] + " | Edit: "
+        assert out == HH_BETTER.replace("{aspects}", "ASPECTS", 1).split("{question}")[0] + \
+            "\n\nHuman: " + c["query"] + "\n\nAssistant:" + " | Answer: " + c["response"] + " | Edit: "
 
 
 def test_template_validation(tmp_path):

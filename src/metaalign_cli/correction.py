@@ -256,8 +256,10 @@ def text_sha(text: str) -> str:
 
 
 def template_sha(template: CorrectionTemplate) -> str:
-    """Fingerprint of a correction template's text (its variants, format and system message)."""
-    return text_sha(json.dumps([template.better, template.equal, template.prompt_format, template.system]))
+    """Fingerprint of a correction template's text (its variants, format, system message and,
+    when not ``as-is``, how it frames a plain query)."""
+    framing = [template.plain_query] if template.plain_query != "as-is" else []
+    return text_sha(json.dumps([template.better, template.equal, template.prompt_format, template.system] + framing))
 
 
 def objectives_sha(objectives: list[Objective], opts: CorrectionOptions) -> str:

@@ -25,6 +25,7 @@ from metaalign_cli.errors import ConfigError, UnknownNameError
 from metaalign_cli.yamlfiles import key_where, load_yaml_mapping, schema_error
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HUMAN_TURN = re.compile(r"(?:^|\n)Human:")  # a dialogue: some line opens a Human turn
 
 CORRECTION_FIELDS = ("aspects", "question", "answer")
 PAIRWISE_FIELDS = ("question", "response_1", "response_2", "aspect")
@@ -72,12 +73,16 @@ class CorrectionTemplate(_TemplateBase):
     checkpoints); ``chat`` wraps it as a user turn in the model's chat template (instruct
     models used zero-shot). ``context``: how an OpenAI-style ``messages`` history becomes the
     question text (``dialogue``: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, as in HH-RLHF).
+    ``plain_query``: what a question that is not a dialogue (no ``Human:`` turn) becomes:
+    ``as-is``, or ``human-turn``, one turn ``"\\n\\nHuman: <question>\\n\\nAssistant:"``
+    (hh-rlhf: the form its checkpoints and `metaalign train`'s data see every query in).
     """
 
     kind: Literal["correction"] = "correction"
     better: str
     equal: str
     context: Literal["dialogue"] = "dialogue"
+    plain_query: Literal["as-is", "human-turn"] = "as-is"
 
     @model_validator(mode="after")
     def _check(self):
@@ -89,10 +94,13 @@ class CorrectionTemplate(_TemplateBase):
                variant: Literal["better", "equal"] = "better") -> str:
         """T(q, y, O, t) of paper section 3.1: ``question`` q (query or dialogue context),
         ``answer`` y (the response to correct), ``aspects`` O (from
-        :func:`metaalign_cli.objectives.render_objectives`), ``variant`` t."""
+        :func:`metaalign_cli.objectives.render_objectives`), ``variant`` t. A question with no
+        ``Human:`` turn is framed as one when ``plain_query`` is ``human-turn``."""
         if variant not in ("better", "equal"):
             raise ValueError(f"variant must be 'better' or 'equal', not {variant!r}")
         text = self.better if variant == "better" else self.equal
+        if self.plain_query == "human-turn" and not _HUMAN_TURN.search(question):
+            question = f"\n\nHuman: {question}\n\nAssistant:"
         return fill(text, {"aspects": aspects, "question": question, "answer": answer},
                     CORRECTION_FIELDS)
 
