@@ -79,6 +79,9 @@ def test_objective_file_errors(tmp_path):
     bad.write_text("name: x\n\ndescription: ''\n")  # a schema error names the key's line
     with pytest.raises(ConfigError, match=r"x.yaml: line 3: key 'description': must not be empty$"):
         load_objective_file(bad)
+    bad.write_text("name: x\ndescription:\n")  # YAML null, not a string
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: key 'description': no value given$"):
+        load_objective_file(bad)
     bad.write_text("name: x\n")
     with pytest.raises(ConfigError, match=r"x.yaml: missing key 'description'"):
         load_objective_file(bad)

@@ -81,6 +81,8 @@ def schema_error(path: str | Path, e: "ValidationError", allowed: str = "") -> C
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc)
     msg = err["msg"].replace("Value error, ", "")
+    if err.get("input", "") is None and err["type"].endswith("_type"):  # `key:` with nothing after it
+        msg = "no value given"
     if err["type"] == "missing":
         return ConfigError(f"{path}: missing key '{key}'")
     where = key_where(path, loc[0]) if loc else f"{path}:"
