@@ -408,7 +408,8 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
     seed: int = opt(0, "Seeds the candidate-position draw (and sampling).", metavar="N",
                     backends={"llama-cpp": "seed", "vllm": "seed"}, forward=True, panel="Judging")
     both_orders: bool = opt(False, "Ask both positions; a disagreement counts as a tie.", panel="Judging")
-    retries: int = opt(2, "Re-asks after an unparsable answer.", min=0, metavar="N", panel="Judging")
+    retries: int = opt(2, "Re-asks after an unparsable answer (none for a greedy local judge: it would answer the "
+                          "same).", min=0, metavar="N", panel="Judging")
     max_invalid: float = opt(0.1, "Exit 1 when the share of invalid judgments is above this.", min=0.0, max=1.0,
                              metavar="X", panel="Judging")
     concurrency: int = opt(4, "Judge calls in flight (openai, anthropic).", min=1, metavar="N",
