@@ -36,7 +36,9 @@ ASPECTS = {"instruction_following": "instruction_following", "honesty": "honest"
 
 def hh_dialogue(instruction: str) -> str:
     """A single instruction as a one-turn HH-RLHF context ending in "Assistant:"."""
-    return f"\n\nHuman: {instruction.strip()}\n\nAssistant:"
+    from metaalign_cli.templates import dialogue_to_text
+
+    return dialogue_to_text([("user", instruction.strip())])
 
 
 def mean_rating(completion: dict) -> float:

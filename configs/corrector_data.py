@@ -88,7 +88,9 @@ def norm(text: str) -> str:
 
 def hh_dialogue(instruction: str) -> str:
     """A single instruction as a one-turn HH-RLHF context ending in "Assistant:"."""
-    return f"\n\nHuman: {instruction.strip()}\n\nAssistant:"
+    from metaalign_cli.templates import dialogue_to_text
+
+    return dialogue_to_text([("user", instruction.strip())])
 
 
 def first_turn(query: str) -> str:

@@ -100,7 +100,7 @@ class CorrectionTemplate(_TemplateBase):
             raise ValueError(f"variant must be 'better' or 'equal', not {variant!r}")
         text = self.better if variant == "better" else self.equal
         if self.plain_query == "human-turn" and not _HUMAN_TURN.search(question):
-            question = f"\n\nHuman: {question}\n\nAssistant:"
+            question = dialogue_to_text([("user", question)])
         return fill(text, {"aspects": aspects, "question": question, "answer": answer},
                     CORRECTION_FIELDS)
 
