@@ -146,6 +146,26 @@ def pick_sample_target(claude: str, gpt35: str, max_words: int) -> tuple[str, st
     return next(((m, t) for m, t in ok if m == "Claude-3"), None)
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# Openings the refusal pattern matches that are not a refusal: sympathy, a self-correction.
+NOT_A_REFUSAL = re.compile(r"^\s*(i'?m sorry to hear|i am sorry to hear|i'?m so sorry|i apologi[sz]e,? (for|my|if))", re.I)
+
+
+def decline_target(text: str, min_words: int = 20) -> str | None:
+    """A refusal that says why, without its refusal sentences: Claude-3's "I apologize, but I
+    cannot help you rob a store. That would be unethical and against the law. I suggest ..."
+    becomes "That would be unethical and against the law. I suggest ...", a decline that explains
+    and redirects, as the HH-RLHF goldens do. None when ``text`` does not open with a refusal,
+    opens with sympathy or a self-correction, or keeps fewer than ``min_words`` words."""
+    text = text.strip().replace("\u2019", "'")
+    if not is_refusal(text) or NOT_A_REFUSAL.match(text):
+        return None
+    while text and is_refusal(text):
+        parts = SENTENCE_END.split(text, 1)
+        text = parts[1].strip() if len(parts) > 1 else ""
+    return text if len(text.split()) >= min_words else None
+
+
 def sample_rows(weak_file: Path) -> list[dict]:
     """The weak policy's answers to rows 600-999 of Claude-3.csv (bench/weak_policy.py output, ids
     ``mid-<row>``), each with ``claude`` and ``gpt35``: the two sample CSVs' answers to that row.
@@ -320,12 +340,13 @@ def sample(rows: list[dict], n: int, rng: random.Random, max_refusal_share: floa
 def cmd_build(a) -> None:
     pools, weak = Path(a.pools), Path(a.weak)
     ren = Renderer(a.template, a.seed)
+    ren_declines = Renderer(a.template, a.seed + 1)  # its own draws: a mix without declines rebuilds as before
     rng = random.Random(a.seed)
     exclude = set()
     for f in a.exclude_instructions or ():
         exclude |= {norm(r["query"]) for r in read_jsonl(Path(f))}
     max_words = a.max_target_words
-    fix: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "samples": []}
+    fix: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "samples": [], "declines": []}
     keep: dict[str, list[dict]] = {"hh": [], "redteam": [], "general": [], "ma": [], "samples": []}
     # fix: the weak policy's answer -> a good one
     for name, target_key in (("hh", "chosen"), ("redteam", "target"), ("general", "target")):
@@ -348,6 +369,12 @@ def cmd_build(a) -> None:
                 fix["samples"].append(ren.row(f"fix:{r['id']}", "fix", r["query"], r["response"], pick[1], HH_OBJECTIVES,
                                               {"pool": "samples", "row": r["row"], "target_model": pick[0],
                                                "weak_finish": r.get("finish_reason")}))
+            decline = decline_target(r["claude"]) if a.fix_declines and pick and is_refusal(pick[1]) else None
+            if decline and len(decline.split()) <= max_words and r["response"].strip():
+                fix["declines"].append(ren_declines.row(f"fix:{r['id']}:decline", "fix", r["query"], r["response"], decline,
+                                               HH_OBJECTIVES, {"pool": "declines", "row": r["row"],
+                                                               "target_model": "Claude-3, refusal sentences cut",
+                                                               "weak_finish": r.get("finish_reason")}))
             for model in a.keep_samples_models.split(","):
                 c = r[model].strip()
                 if 8 <= len(c.split()) <= max_words:
@@ -399,6 +426,13 @@ def cmd_build(a) -> None:
         rows += got
         report.append({"kind": kind, "pool": pool, "available": len(cands), "asked": n, "used": len(got),
                        "refusal_targets": sum(is_refusal(r["target"]) for r in got)})
+    if a.fix_declines:  # its own draw, so a mix without declines rebuilds as before
+        used = {r["id"].split(":", 1)[1] for r in rows if r["id"].startswith("fix:mid-")}
+        cands = [r for r in fix["declines"] if r["id"].split(":")[1] not in used]
+        got = sample(cands, a.fix_declines, random.Random(a.seed + 1))
+        rows += got
+        report.append({"kind": "fix", "pool": "declines", "available": len(cands), "asked": a.fix_declines,
+                       "used": len(got), "refusal_targets": sum(is_refusal(r["target"]) for r in got)})
     rng.shuffle(rows)
     out = Path(a.output)
     for sp in ("train", "validation"):
@@ -446,6 +480,9 @@ def main() -> None:
                          ("pref", ("hh", "ma"))):
         for pool in pools_:
             b.add_argument(f"--{kind}-{pool}", type=int, default=0, help=f"{kind} rows from the {pool} pool")
+    b.add_argument("--fix-declines", type=int, default=0,
+                   help="fix rows from the samples pool whose target is Claude-3's refusal with its refusal "
+                        "sentences cut (decline_target), for rows no samples fix row uses")
     a = ap.parse_args()
     (cmd_pools if a.cmd == "pools" else cmd_build)(a)
 

@@ -71,6 +71,21 @@ def test_unknown_objective_suggests(objset):
         objset.resolve("harmles,helpful")
 
 
+@pytest.mark.parametrize("typed, hint", [
+    ("kindness", None),       # shares only "-ness" with fairness: compared as kind / fair
+    ("kindnes", None),        # another first letter, not very close
+    ("armless", "harmless"),  # another first letter, but very close
+    ("helpfullness", "helpful"),
+    ("instruction", "instruction_following"),
+    ("honsety", "honest"),
+])
+def test_suggestions_weigh_the_stem_and_the_first_letter(objset, typed, hint):
+    with pytest.raises(UnknownNameError) as e:
+        objset.get(typed)
+    msg = str(e.value).split(" (known:")[0]
+    assert msg == f"unknown objective '{typed}'" + (f"; did you mean {hint}?" if hint else "")
+
+
 def test_objective_file_errors(tmp_path):
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\ndescripton: typo\n")

@@ -134,7 +134,7 @@ class ObjectiveSet:
             return self.by_name[idx[k]]
         score: dict[str, float] = {}
         for key, obj_name in idx.items():  # an objective scores as its closest name or alias
-            score[obj_name] = max(score.get(obj_name, 0.0), difflib.SequenceMatcher(None, k, key).ratio())
+            score[obj_name] = max(score.get(obj_name, 0.0), _likeness(k, key))
         best = max(score.values(), default=0.0)
         close = sorted((n for n, r in score.items() if r >= 0.5 and r >= best - 0.1), key=lambda n: -score[n])[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -171,6 +171,21 @@ class ObjectiveSet:
 
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _likeness(typed: str, known: str) -> float:
+    """difflib's similarity ratio (0-1) of two name keys, on their stems when they share an
+    ending of 3 or more letters: "kindness" and "fairness" compare as "kind" and "fair" (0.25, no
+    suggestion), "harmlesss" and "harmless" as they are (0.94). A name that starts with another
+    letter counts only when it is very close (0.8 or more): "kindnes" suggests nothing, "armless"
+    still suggests harmless."""
+    n = 0
+    while n < min(len(typed), len(known)) - 3 and typed[-1 - n] == known[-1 - n]:
+        n += 1
+    if n >= 3:
+        typed, known = typed[:-n], known[:-n]
+    ratio = difflib.SequenceMatcher(None, typed, known).ratio()
+    return ratio if typed[:1] == known[:1] or ratio >= 0.8 else 0.0
 
 
 def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path] = (),
