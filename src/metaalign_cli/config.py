@@ -321,8 +321,9 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
     temperature: float = opt(0.0, "0 = greedy.", min=0.0, metavar="T", panel="Generation")
     top_p: float = opt(1.0, "Nucleus sampling.", min=0.0, max=1.0, metavar="P", panel="Generation")
     top_k: int = opt(0, "0 = off.", min=0, metavar="K", panel="Generation")
-    repeat_penalty: float | None = opt(None, "1.0 = none. Default: the corrector card's "
-                                             "generation.repeat_penalty (the shipped corrector's sets one), else 1.0.", min=0.01, metavar="X", panel="Generation")
+    repeat_penalty: float | None = opt(None, "1.0 = none. Default: the corrector card's generation.repeat_penalty "
+                                             "(the shipped corrector's sets one), else 1.0.",
+                                       min=0.01, metavar="X", panel="Generation")
     seed: int = opt(0, "Seed of sampling.", metavar="N", backends={"llama-cpp": "seed", "vllm": "seed"}, forward=True,
                     panel="Generation")
     loop_guard: bool = opt(True, "Stop a generation whose tail repeats (finish_reason 'loop').",
