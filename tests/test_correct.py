@@ -428,6 +428,9 @@ def test_case_messages_shapes():
     rec = next(read_jsonl(CASES / "messages-shapes.jsonl"))
     q, a = extract_query_response(rec)
     assert q == "\n\nSystem: Be brief.\n\nHuman: Name a prime number.\n\nAssistant:" and a == "4 is prime."
+    # Roles are read case-insensitively ("Assistant" is the assistant, as "assistant").
+    rec.data["messages"] = [{"role": "User", "content": "hi"}, {"role": "Assistant", "content": "Hello."}]
+    assert extract_query_response(rec) == ("\n\nHuman: hi\n\nAssistant:", "Hello.")
 
 
 def test_messages_with_openai_content_parts(tmp_path):

@@ -188,6 +188,8 @@ def test_template_validation(tmp_path):
         load_template(str(f))
     with pytest.raises(UnknownNameError, match="unknown template 'nope'.*hh-rlhf"):
         load_template("nope")
+    with pytest.raises(UnknownNameError, match=r"unknown correction template 'hh-rlfh'; did you mean hh-rlhf\? \(known:"):
+        load_template("hh-rlfh", kind="correction")
     with pytest.raises(UnknownNameError) as e:  # only names of the kind asked for are offered
         load_template("nope", kind="judge-score")
     assert str(e.value) == "unknown judge-score template 'nope' (known: judge-score)"

@@ -97,6 +97,12 @@ def test_cap_hits_are_counted_and_usage_errors(tmp_path, scripted_backend):
             input='{"query": "q", "response": "a"}\n{"query": "q", "response": "LONG"}\n')
     assert r.returncode == 0 and ", 1 at the token cap;" in r.stderr.decode()
     assert [o["metaalign"]["finish_reason"] for o in rows(r.stdout)] == ["stop", "length"]
+    # A fixed cap over half the context is lowered, and said (it was silent).
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--max-new-tokens", "5000",
+            input='{"query": "q", "response": "a"}\n')
+    assert r.returncode == 0 and ("warning: --max-new-tokens 5000 is more than half the model's context "
+                                  "(4096 tokens): using 2048") in r.stderr.decode()
+    assert rows(r.stdout)[0]["metaalign"]["generation"]["max_new_tokens"] == 2048
     # A --base-url without a scheme is a usage error, not a failed generation.
     r = cli("correct", "-O", "helpful", "--base-url", "localhost:8000", "-m", "x",
             input='{"query": "q", "response": "a"}\n')

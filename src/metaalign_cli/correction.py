@@ -320,6 +320,9 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
     t0 = time.perf_counter()
     provenance_base = provenance(backend, opts)
     warn = warn or (lambda m: None)
+    if settings.max_new_tokens < opts.settings.max_new_tokens and not opts.scale_to_response:
+        warn(f"--max-new-tokens {opts.settings.max_new_tokens} is more than half the model's context "
+             f"({ctx} tokens): using {settings.max_new_tokens}")
     chunk: list[PreparedRecord] = []
     size = backend.chunk_size(opts.batch_size, opts.concurrency)
     replaced: set[str] = set()

@@ -410,7 +410,7 @@ def _from_messages(rec: SourceRecord) -> tuple[str, str]:
                 not isinstance(m.get("content"), (str, list)):
             raise InputError("each turn needs a string 'role' and a 'content' string or list of content parts",
                              rec.source, rec.line, f"messages[{i}]")
-        turns.append((m["role"], _content_text(m["content"], rec, f"messages[{i}].content")))
+        turns.append((m["role"].lower(), _content_text(m["content"], rec, f"messages[{i}].content")))
     role, content = turns[-1]
     if role != "assistant":
         raise InputError(f"last turn is '{role}', not 'assistant': no response to correct",

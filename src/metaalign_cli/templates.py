@@ -13,6 +13,7 @@ comes out verbatim.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from importlib import resources
@@ -193,7 +194,9 @@ def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
             known = sorted({f.stem for d in search if d.is_dir() for f in d.glob("*.y*ml")
                             if kind is None or _kind_of(f) == kind})
             what = f"{kind} template" if kind else "template"
-            raise UnknownNameError(f"unknown {what} '{name_or_path}' (known: {', '.join(known) or 'none'})")
+            close = difflib.get_close_matches(str(name_or_path), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UnknownNameError(f"unknown {what} '{name_or_path}'{hint} (known: {', '.join(known) or 'none'})")
     if kind is not None and tpl.kind != kind:
         raise ConfigError(f"{tpl.source}: template '{tpl.name}' is of kind '{tpl.kind}', expected '{kind}'")
     return tpl
