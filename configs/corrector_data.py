@@ -340,7 +340,8 @@ def sample(rows: list[dict], n: int, rng: random.Random, max_refusal_share: floa
 def cmd_build(a) -> None:
     pools, weak = Path(a.pools), Path(a.weak)
     ren = Renderer(a.template, a.seed)
-    ren_declines = Renderer(a.template, a.seed + 1)  # its own draws: a mix without declines rebuilds as before
+    # its own draws, so a mix without declines rebuilds as before
+    ren_declines = Renderer(a.template, a.seed + 1) if a.fix_declines else None
     rng = random.Random(a.seed)
     exclude = set()
     for f in a.exclude_instructions or ():
@@ -427,8 +428,8 @@ def cmd_build(a) -> None:
         report.append({"kind": kind, "pool": pool, "available": len(cands), "asked": n, "used": len(got),
                        "refusal_targets": sum(is_refusal(r["target"]) for r in got)})
     if a.fix_declines:  # its own draw, so a mix without declines rebuilds as before
-        used = {r["id"].split(":", 1)[1] for r in rows if r["id"].startswith("fix:mid-")}
-        cands = [r for r in fix["declines"] if r["id"].split(":")[1] not in used]
+        used = {r["source"]["row"] for r in rows if r["kind"] == "fix" and r["source"]["pool"] == "samples"}
+        cands = [r for r in fix["declines"] if r["source"]["row"] not in used]
         got = sample(cands, a.fix_declines, random.Random(a.seed + 1))
         rows += got
         report.append({"kind": "fix", "pool": "declines", "available": len(cands), "asked": a.fix_declines,
