@@ -431,6 +431,10 @@ def test_case_messages_shapes():
     # Roles are read case-insensitively ("Assistant" is the assistant, as "assistant").
     rec.data["messages"] = [{"role": "User", "content": "hi"}, {"role": "Assistant", "content": "Hello."}]
     assert extract_query_response(rec) == ("\n\nHuman: hi\n\nAssistant:", "Hello.")
+    # OpenAI's "developer" turn is the system turn's newer name.
+    rec.data["messages"] = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "Hello."}]
+    assert extract_query_response(rec)[0] == "\n\nSystem: Be brief.\n\nHuman: hi\n\nAssistant:"
 
 
 def test_messages_with_openai_content_parts(tmp_path):

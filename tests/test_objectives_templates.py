@@ -190,6 +190,8 @@ def test_template_validation(tmp_path):
         load_template("nope")
     with pytest.raises(UnknownNameError, match=r"unknown correction template 'hh-rlfh'; did you mean hh-rlhf\? \(known:"):
         load_template("hh-rlfh", kind="correction")
+    with pytest.raises(UnknownNameError, match=r"unknown correction template 'HH-RLHF'; did you mean hh-rlhf\?"):
+        load_template("HH-RLHF", kind="correction")
     with pytest.raises(UnknownNameError) as e:  # only names of the kind asked for are offered
         load_template("nope", kind="judge-score")
     assert str(e.value) == "unknown judge-score template 'nope' (known: judge-score)"

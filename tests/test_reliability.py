@@ -676,7 +676,7 @@ def test_readme_says_what_the_commands_do():
     r = run_cli("objectives", "-O", "helpful")  # stdout is not a terminal here
     assert r.returncode == 0 and json.loads(r.stdout)["name"] == "helpful"
 
-    assert "a system turn as `System: ...`" in readme
+    assert "a system (or `developer`) turn as `System: ...`" in readme
     rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                         {"role": "assistant", "content": "Hello."}]}
     from fakes import ScriptedBackend

@@ -194,7 +194,7 @@ def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
             known = sorted({f.stem for d in search if d.is_dir() for f in d.glob("*.y*ml")
                             if kind is None or _kind_of(f) == kind})
             what = f"{kind} template" if kind else "template"
-            close = difflib.get_close_matches(str(name_or_path), known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(name_or_path).lower(), known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise UnknownNameError(f"unknown {what} '{name_or_path}'{hint} (known: {', '.join(known) or 'none'})")
     if kind is not None and tpl.kind != kind:
@@ -205,8 +205,9 @@ def load_template(name_or_path: str, dirs: tuple[str | Path, ...] = (),
 def dialogue_to_text(turns: list[tuple[str, str]]) -> str:
     """Render (role, content) turns the HH-RLHF way: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``,
     ending with ``"\\n\\nAssistant:"`` after the last user turn (as in the reference samples).
-    A system turn is kept as ``"\\n\\nSystem: ..."``."""
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    A system turn (or OpenAI's ``developer`` turn, its newer name) is kept as
+    ``"\\n\\nSystem: ..."``."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System", "developer": "System"}
     out = []
     for role, content in turns:
         out.append(f"\n\n{names.get(role, role.capitalize())}: {content}")
