@@ -319,3 +319,41 @@ def test_help_shows_backend_defaults_only_for_the_commands_that_take_them():
     train = " ".join(cli("train", "--help").stdout.decode().split())
     assert "--tokenizer PATH GGUF file or local HF tokenizer directory" in build and "[openai]" not in build
     assert "[transformers; default auto]" not in train and "[default: auto]" in train
+
+
+def test_a_kept_bad_record_names_its_objectives_and_unknown_roles_are_refused(scripted_backend):
+    """From the third new-user trial: a record failing its input checks under --on-error keep
+    records the objectives it asked for (it recorded []), and a turn role outside OpenAI's chat
+    roles is refused at its field (it was rendered as 'Wizard:', and a first-turn one was
+    reported as 'no user turn')."""
+    inp = "".join(json.dumps(r) + "\n" for r in (
+        {"id": "a", "query": "q", "objectives": ["harmless"]},
+        {"id": "b", "query": "q"},
+        {"id": "c", "messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"id": "d", "messages": [{"role": "USR", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"id": "e", "messages": [{"role": "Developer", "content": "be brief"}, {"role": "User", "content": "hi"},
+                                 {"role": "assistant", "content": "yo"}]}))
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--on-error", "keep", input=inp)
+    assert r.returncode == 1, r.stderr.decode()
+    out = rows(r.stdout)
+    assert [o["metaalign"]["objectives"] for o in out] == [["harmless"], ["helpful"], ["helpful"], ["helpful"],
+                                                            ["helpful"]]
+    assert out[0]["error"] == "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response"
+    assert out[2]["error"] == ("<stdin>:3: field 'messages[0].role': unknown role 'wizard' "
+                               "(use user, assistant, system, developer)")
+    assert out[3]["error"].endswith("unknown role 'USR' (use user, assistant, system, developer); did you mean 'user'?")
+    assert "error" not in out[4] and out[4]["corrected"].startswith("fixed-")
+
+
+def test_an_unclosed_csv_quote_names_the_row_it_opens_in(tmp_path):
+    """From the third new-user trial: a quote never closed read the rest of the file into one
+    cell and was reported as a short row; it fails the file at the row's first line, as does
+    text after a closing quote (which was silently glued on)."""
+    bad = tmp_path / "b.csv"
+    bad.write_text('query,response,id\nx,y,1\na,"unclosed,2\nb,c,3\n')
+    r = cli("correct", str(bad), "-O", "helpful", "--dry-run")
+    assert r.returncode == 2
+    assert r.stderr.decode().strip() == f"error: {bad}:3: invalid CSV: a quoted field in the row that starts here is never closed"
+    bad.write_text('query,response\nq,"a"x\n')
+    r = cli("correct", str(bad), "-O", "helpful", "--dry-run")
+    assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {bad}:2: invalid CSV: ',' expected after '\"'"

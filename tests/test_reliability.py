@@ -684,3 +684,8 @@ def test_readme_says_what_the_commands_do():
     r = run_cli("correct", "-O", "helpful", "-b", "scripted", "-t", "hh-rlhf", "-q", input=json.dumps(rec) + "\n")
     assert r.returncode == 0
     assert "\n\nSystem: Be brief.\n\nHuman: Hi?\n\nAssistant:" in ScriptedBackend.calls[-1][0]
+
+    assert "other roles, `tool` included, are refused at their field" in readme
+    rec["messages"][0]["role"] = "tool"
+    r = run_cli("correct", "-O", "helpful", "-b", "scripted", "-q", input=json.dumps(rec) + "\n")
+    assert r.returncode == 2 and "field 'messages[0].role': unknown role 'tool'" in r.stderr.decode()

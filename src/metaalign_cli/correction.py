@@ -240,9 +240,12 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
             try:
                 check_record_id(rec)
                 it.question, it.answer = extract_query_response(rec, opts.query_field, opts.response_field)
-                it.objectives = record_objectives(rec, opts)
             except InputError as e:
                 it.error = e
+            try:  # resolved even for a bad record, so a kept failure names what it asked for
+                it.objectives = record_objectives(rec, opts)
+            except InputError as e:
+                it.error = it.error or e
         out.append(it)
     return out, resumed
 

@@ -303,7 +303,8 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     is the line where the row starts). A row with invalid UTF-8, or with more or fewer cells
     than the header, becomes a record with ``error`` set (file, line and field named); the
     other rows are read. Invalid UTF-8 or a repeated name in the header, and CSV the parser
-    rejects, fail the whole file (InputError)."""
+    rejects (strict: a quote never closed, text after a closing quote), fail the whole file
+    (InputError naming the line)."""
     src = source_name(path)
     fh = _open_binary(path)
     try:
@@ -311,7 +312,7 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
             # -sig: a BOM is no header; surrogateescape: a bad byte fails its row, not the file
             text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
             csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.reader(text)
+            reader = csv.reader(text, strict=True)
             header: list[str] | None = None
             prev = 0  # reader.line_num after the previous record: a record starts on prev + 1
             for cells in reader:
@@ -339,7 +340,10 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                 else:
                     yield SourceRecord(src, start, row)
         except csv.Error as e:
-            raise InputError(f"invalid CSV: {e}", source=src) from None
+            if "unexpected end of data" in str(e):  # the parser read to the end inside quotes
+                raise InputError("invalid CSV: a quoted field in the row that starts here is never closed",
+                                 source=src, line=prev + 1) from None
+            raise InputError(f"invalid CSV: {e}", source=src, line=reader.line_num) from None
         except READ_ERRORS as e:
             raise read_error(src, e) from None
     finally:
@@ -400,6 +404,11 @@ def extract_query_response(rec: SourceRecord, query_field: str | None = None,
     return string_field(rec, qf), string_field(rec, rf)
 
 
+#: The turn roles a ``messages`` record may hold (any case): OpenAI's chat roles without tool
+#: turns, which have no text to correct against. ``developer`` is ``system``'s newer name.
+TURN_ROLES = ("user", "assistant", "system", "developer")
+
+
 def _from_messages(rec: SourceRecord) -> tuple[str, str]:
     msgs = rec.data["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -410,7 +419,15 @@ def _from_messages(rec: SourceRecord) -> tuple[str, str]:
                 not isinstance(m.get("content"), (str, list)):
             raise InputError("each turn needs a string 'role' and a 'content' string or list of content parts",
                              rec.source, rec.line, f"messages[{i}]")
-        turns.append((m["role"].lower(), _content_text(m["content"], rec, f"messages[{i}].content")))
+        role = m["role"].lower()
+        if role not in TURN_ROLES:
+            import difflib
+
+            near = difflib.get_close_matches(role, TURN_ROLES, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise InputError(f"unknown role '{m['role']}' (use {', '.join(TURN_ROLES)}){hint}",
+                             rec.source, rec.line, f"messages[{i}].role")
+        turns.append((role, _content_text(m["content"], rec, f"messages[{i}].content")))
     role, content = turns[-1]
     if role != "assistant":
         raise InputError(f"last turn is '{role}', not 'assistant': no response to correct",
