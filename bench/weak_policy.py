@@ -113,7 +113,9 @@ def single_answerer(a):
     from llama_cpp import Llama
 
     from metaalign_cli.backends import default_model_path
+    from metaalign_cli.backends.llamacpp import avoid_amx_weights
 
+    avoid_amx_weights()  # ggml's AMX matmul segfaults on AMX CPUs
     llm = Llama(model_path=str(a.model or default_model_path()), n_ctx=2048, n_threads=a.threads, verbose=False)
 
     def answer(batch):

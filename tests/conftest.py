@@ -18,6 +18,18 @@ CASES = REPO / "tests" / "cases"  # copies of shared/cases, so a bare clone runs
 DATA = SHARED / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _llama_cpp_without_amx_weights():
+    """Tests that build ``llama_cpp.Llama`` themselves load it as the backend does: without
+    the AMX weight buffers whose matmul segfaults (``avoid_amx_weights``)."""
+    try:
+        from metaalign_cli.backends.llamacpp import avoid_amx_weights
+
+        avoid_amx_weights()
+    except ImportError:
+        pass
+
+
 def run_process(*args: str, input: str | bytes | None = None, env: dict | None = None, timeout: float = 600):
     """Run ``python -m metaalign_cli ARGS`` as a real process and return the CompletedProcess
     (bytes stdout/stderr): for what needs one (signals, pipes, import time, a fresh
@@ -156,10 +168,9 @@ def llama_server(smollm2_gguf):
     pytest.importorskip("llama_cpp.server")
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{port}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf),
-                             "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-                             "--n_ctx", "4096", "--n_threads", str(os.cpu_count() or 2)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    from metaalign_cli.backends.llamacpp import server_command
+
+    proc = subprocess.Popen(server_command(smollm2_gguf, "smollm2", port), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     import urllib.request
 

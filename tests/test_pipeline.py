@@ -200,7 +200,7 @@ def test_the_shipped_corrector_is_a_small_gguf_lora_on_the_embedded_base():
 
 
 def test_repeat_penalty_is_the_flag_else_the_cards_else_none(tmp_path, monkeypatch):
-    """The shipped card says the penalty it was judged with (1.2); --repeat-penalty overrides it; a
+    """The shipped card says the penalty it was judged with (1.25); --repeat-penalty overrides it; a
     corrector whose card says none, or a plain model, gets 1.0. A bad card value is one line."""
     from metaalign_cli.config import CorrectConfig, load_config
     from metaalign_cli.correction import correction_options
@@ -218,7 +218,7 @@ def test_repeat_penalty_is_the_flag_else_the_cards_else_none(tmp_path, monkeypat
         resolved = resolve_config(cfg, "corrector")
         return resolved.kind, correction_options(cfg, objset, tpl, None, resolved.repeat_penalty).settings.repeat_penalty
 
-    assert penalty() == ("shipped", 1.2)
+    assert penalty() == ("shipped", 1.25)
     assert penalty(repeat_penalty="1.0") == ("shipped", 1.0)
     assert penalty(model="smollm2") == ("prompted", 1.0)
     run = tmp_path / "run"

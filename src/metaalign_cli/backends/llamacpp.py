@@ -15,6 +15,56 @@ from metaalign_cli.gguf_types import GGUF_TYPES, QUANT_CHOICES, REQUANT_TYPES
 
 MAX_BATCH_SEQUENCES = 64  # sequences decoded together at most (llama.cpp allows 256)
 
+AMX_ISSUE = "https://github.com/ggml-org/llama.cpp/issues/20824"
+
+
+def avoid_amx_weights() -> bool:
+    """Make llama.cpp load weights without its extra buffer types when its build uses AMX.
+
+    On CPUs with AMX (Intel Sapphire Rapids and later) a llama.cpp built natively puts the
+    quantized weights in an "AMX" buffer, and the first decode then segfaults in
+    ``ggml_backend_amx_mul_mat`` (``AMX_ISSUE``; seen here with SmolLM2's Q4_1 and Q8_0
+    GGUFs, LoRA or not). llama-cpp-python's ``Llama`` has no argument for the model's
+    ``use_extra_bufts`` (llama.cpp's ``--no-repack``), so this wraps
+    ``llama_model_default_params`` to return it False, for every later load in this process
+    (``Llama``, the batched contexts, ``llama_cpp.server``). Costs the weight repacking that
+    speeds up some quant types on CPU; on a build without AMX nothing changes.
+
+    Returns True when the wrap is in place (now or from an earlier call), False when the
+    build reports no ``AMX_INT8``. Raises ImportError without llama-cpp-python.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    if getattr(low.llama_model_default_params, "_metaalign_no_amx", False):
+        return True
+    if b"AMX_INT8 = 1" not in low.llama_print_system_info():
+        return False
+    default_params = low.llama_model_default_params
+
+    def no_extra_bufts():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    no_extra_bufts._metaalign_no_amx = True
+    low.llama_model_default_params = llama_cpp.llama_model_default_params = no_extra_bufts
+    return True
+
+
+def server_command(model: str | Path, alias: str, port: int, n_ctx: int = 4096, threads: int | None = None) -> list[str]:
+    """The argv that runs llama-cpp-python's OpenAI-compatible server (``llama_cpp.server``) on
+    127.0.0.1:``port`` serving the GGUF ``model`` as ``alias``, with :func:`avoid_amx_weights`
+    applied first (the server has no flag for it). For tests and bench scripts that need a
+    real local server; ``n_ctx`` in tokens, ``threads`` None = all cores."""
+    import sys
+
+    boot = ("import runpy, sys; from metaalign_cli.backends.llamacpp import avoid_amx_weights; "
+            "avoid_amx_weights(); sys.argv[0] = 'llama_cpp.server'; "
+            "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", boot, "--model", str(model), "--model_alias", alias, "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads or os.cpu_count() or 2)]
+
 
 
 class LlamaCppOptions(BackendOptions):
@@ -81,6 +131,7 @@ class LlamaCppBackend(Backend):
             raise MetaAlignError("the llama-cpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
         if lora_path:
             _check_lora(Path(lora_path))
+        avoid_amx_weights()
         self.threads = threads or os.cpu_count() or 1
         self.model_id = str(path)
         asked, quant = quant, resolve_quant(quant, path)
