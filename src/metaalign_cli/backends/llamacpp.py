@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from typing import Literal
@@ -15,15 +16,12 @@ from metaalign_cli.gguf_types import GGUF_TYPES, QUANT_CHOICES, REQUANT_TYPES
 
 MAX_BATCH_SEQUENCES = 64  # sequences decoded together at most (llama.cpp allows 256)
 
-AMX_ISSUE = "https://github.com/ggml-org/llama.cpp/issues/20824"
-
-
 def avoid_amx_weights() -> bool:
     """Make llama.cpp load weights without its extra buffer types when its build uses AMX.
 
     On CPUs with AMX (Intel Sapphire Rapids and later) a llama.cpp built natively puts the
     quantized weights in an "AMX" buffer, and the first decode then segfaults in
-    ``ggml_backend_amx_mul_mat`` (``AMX_ISSUE``; seen here with SmolLM2's Q4_1 and Q8_0
+    ``ggml_backend_amx_mul_mat`` (ggml-org/llama.cpp issue 20824; seen here with the Q4_1 and Q8_0
     GGUFs, LoRA or not). llama-cpp-python's ``Llama`` has no argument for the model's
     ``use_extra_bufts`` (llama.cpp's ``--no-repack``), so this wraps
     ``llama_model_default_params`` to return it False, for every later load in this process
@@ -57,8 +55,6 @@ def server_command(model: str | Path, alias: str, port: int, n_ctx: int = 4096, 
     127.0.0.1:``port`` serving the GGUF ``model`` as ``alias``, with :func:`avoid_amx_weights`
     applied first (the server has no flag for it). For tests and bench scripts that need a
     real local server; ``n_ctx`` in tokens, ``threads`` None = all cores."""
-    import sys
-
     boot = ("import runpy, sys; from metaalign_cli.backends.llamacpp import avoid_amx_weights; "
             "avoid_amx_weights(); sys.argv[0] = 'llama_cpp.server'; "
             "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
