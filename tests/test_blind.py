@@ -144,3 +144,54 @@ def test_verdict_files_that_do_not_match_are_refused(tmp_path):
                        "--mode blind tasks are pairwise")):
         r = cli("judge", str(inp), *args)
         assert r.returncode == 2 and msg in r.stderr.decode(), r.stderr.decode()
+
+
+def test_team_glue_splits_collects_and_reuses_verdicts_across_positions(tmp_path):
+    """bench/blind_judging.py: the helper parts hold every task once; verdicts come back in
+    one file `--blind-verdicts` accepts; a second export showing the same pairs in the other
+    positions (--both-orders) is answered from the store with the verdicts flipped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    glue = Path(__file__).resolve().parents[1] / "bench" / "blind_judging.py"
+
+    def run(*args):
+        r = subprocess.run([sys.executable, str(glue), *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    inp, tasks, key, keyfile = export(tmp_path)
+    store, parts = tmp_path / "store.jsonl", tmp_path / "parts"
+    run("split", tmp_path / "tasks.jsonl", "-o", parts, "--parts", "2", "--store", store)
+    split = [[json.loads(x) for x in (parts / f"part-{i}.jsonl").read_text().splitlines()] for i in (1, 2)]
+    assert sorted(t["task"] for p in split for t in p) == sorted(t["task"] for t in tasks) and len(split[0]) == 2
+    assert "part-1.verdicts.jsonl" in (parts / "prompts.txt").read_text()
+    want = {("a", "response"): "loss", ("a", "corrected"): "win",
+            ("b", "response"): "tie", ("b", "corrected"): "win"}
+    vs = {v["task"]: v for v in verdict_for(key, want)}
+    for i, p in enumerate(split, start=1):
+        write(parts / f"part-{i}.verdicts.jsonl", [vs[t["task"]] for t in p])
+    merged = tmp_path / "verdicts.jsonl"
+    assert "0 from the store, 4 added" in run("collect", tmp_path / "tasks.jsonl", "-o", merged, "--store", store, "-v",
+                                               *sorted(parts.glob("part-*.verdicts.jsonl")))
+    summ = tmp_path / "summary.json"
+    r = cli("judge", str(inp), "--blind-key", str(keyfile), "--blind-verdicts", str(merged), "--summary", str(summ))
+    assert r.returncode == 0, r.stderr.decode()
+    res = {x["candidate"]: x for x in json.loads(summ.read_text())["results"]}
+    assert (res["response"]["wins"], res["response"]["ties"], res["corrected"]["wins"]) == (0, 1, 2)
+    # Both orders: 8 tasks, each pair already judged once in one of its two positions.
+    sub = tmp_path / "both"
+    sub.mkdir()
+    inp2, tasks2, key2, keyfile2 = export(sub, "--both-orders")
+    assert "8 answered by the store, 0 to judge" in run("split", sub / "tasks.jsonl", "-o", sub / "parts",
+                                                        "--store", store)
+    merged2 = sub / "verdicts.jsonl"
+    run("collect", sub / "tasks.jsonl", "-o", merged2, "--store", store)
+    got = {v["task"]: v["verdict"] for v in map(json.loads, merged2.read_text().splitlines())}
+    assert got == {v["task"]: v["verdict"] for v in verdict_for(key2, want)}
+    # A task nobody judged is named.
+    store.write_text("")
+    r = subprocess.run([sys.executable, str(glue), "collect", str(sub / "tasks.jsonl"), "-o", str(merged2),
+                        "--store", str(store)], capture_output=True, text=True)
+    assert r.returncode == 1 and "has no verdict" in r.stderr
