@@ -112,7 +112,7 @@ def cmd_collect(a) -> None:
     given: dict[str, int] = {}
     for f in a.verdicts:
         for n, v in enumerate(read_jsonl(Path(f)), start=1):
-            if set(v) != {"task", "verdict"} or isinstance(v["verdict"], bool) or v["verdict"] not in (0, 1, 2):
+            if set(v) != {"task", "verdict"} or type(v["verdict"]) is not int or v["verdict"] not in (0, 1, 2):
                 sys.exit(f"{f}: verdict {n}: expected {{\"task\", \"verdict\": 0|1|2}}, got {json.dumps(v)[:120]}")
             if v["task"] in by_id:
                 given[v["task"]] = v["verdict"]

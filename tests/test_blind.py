@@ -26,7 +26,7 @@ def write(path, rows):
 def export(tmp_path, *extra, records=RECORDS):
     inp = write(tmp_path / "in.jsonl", records)
     tasks, key = tmp_path / "tasks.jsonl", tmp_path / "key.json"
-    r = cli("judge", str(inp), "--blind-tasks", str(tasks), "--blind-key", str(key), *extra)
+    r = cli("judge", str(inp), "--blind-tasks", str(tasks), "--blind-key", str(key), "--overwrite", *extra)
     assert r.returncode == 0, r.stderr.decode()
     return inp, [json.loads(x) for x in tasks.read_text().splitlines()], json.loads(key.read_text()), key
 
@@ -123,8 +123,9 @@ def test_verdict_files_that_do_not_match_are_refused(tmp_path):
         (good + [{"task": "zzz-1", "verdict": 1}], "v.jsonl:5: field 'task': task 'zzz-1' is not in the key (of another "
                                                    "export"),
         ([dict(good[0], verdict=3)] + good[1:], "v.jsonl:1: field 'verdict': verdict must be 1, 2 or 0 (tie), not 3"),
-        ([dict(good[0], verdict="1")] + good[1:], "verdict must be 1, 2 or 0 (tie), not '1'"),
-        ([dict(good[0], verdict=True)] + good[1:], "not True"),
+        ([dict(good[0], verdict="1")] + good[1:], 'verdict must be 1, 2 or 0 (tie), not "1"'),
+        ([dict(good[0], verdict=True)] + good[1:], "(tie), not true"),  # in JSON's words, not Python's
+        ([dict(good[0], verdict=1.0)] + good[1:], "(tie), not 1.0"),  # a verdict is an integer
         ([dict(good[0], note="x")] + good[1:], "v.jsonl:1: unexpected field(s) note"),
     ]
     for rows, msg in cases:
@@ -141,7 +142,9 @@ def test_verdict_files_that_do_not_match_are_refused(tmp_path):
     for args, msg in ((["--blind-tasks", "t.jsonl"], "--blind-tasks needs --blind-key"),
                       (["--blind-key", str(keyfile)], "--blind-key goes with --blind-tasks"),
                       (["--blind-key", str(keyfile), "--blind-verdicts", "v.jsonl", "--mode", "score"],
-                       "--mode blind tasks are pairwise")):
+                       "--mode blind tasks are pairwise"),
+                      (["--blind-key", str(keyfile), "--blind-verdicts", "v.jsonl", "--dry-run"],
+                       "--dry-run previews judge calls, and blind tasks or verdicts call no judge")):
         r = cli("judge", str(inp), *args)
         assert r.returncode == 2 and msg in r.stderr.decode(), r.stderr.decode()
 

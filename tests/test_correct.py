@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import CASES, REPO, kill_when_lines, run_cli
@@ -528,6 +529,30 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert part.read_bytes() == full.read_bytes()
 
 
+def test_ctrl_c_says_how_to_continue_and_resume_finishes_the_file(tmp_path):
+    """Ctrl-C used to end `correct` with exit 130 and no word; now it says that --resume
+    continues the file, and the resumed file equals an uninterrupted run's."""
+    import signal
+
+    recs = [{"id": f"c{i}", "query": f"Name {i} fruits.", "response": "Apples."} for i in range(12)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    args = ["correct", str(inp), "--objectives", "helpful", "--max-new-tokens", "16", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args, "-o", str(part)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not part.exists() or part.read_text().count("\n") < 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and f"interrupted; the same command with --resume continues {part}" in err, err
+    assert "Traceback" not in err and 1 <= part.read_text().count("\n") < 12
+    assert run_cli(*args, "-o", str(part), "--resume").returncode == 0
+    assert run_cli(*args, "-o", str(full)).returncode == 0
+    assert part.read_bytes() == full.read_bytes()
+
+
 def test_resume_by_line_number_without_ids(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"query": "a?", "response": "A."}\n{"query": "b?", "response": "B."}\n')
@@ -592,6 +617,11 @@ def test_bom_csv_rows_of_wrong_width_nan():
     assert out[2]["error"] == "<stdin>:4: row has 1 fields, the header 2"
     r = run_cli("correct", "-O", "helpful", input=b'\xef\xbb\xbf{"query": "a", "response": NaN}\n')
     assert r.returncode == 2 and "<stdin>:1: invalid JSON: NaN is not valid JSON" in r.stderr.decode()
+    # A number too large for a double came back out as Infinity (not JSON): refused like NaN.
+    r = run_cli("correct", "-O", "helpful", "--dry-run", input=b'{"query": "a", "response": "b", "x": -1e999}\n')
+    assert r.returncode == 2 and "<stdin>:1: invalid JSON: the number -1e999 is out of range" in r.stderr.decode()
+    r = run_cli("correct", "-O", "helpful", "--dry-run", input=b'{"query": "a", "response": "b", "x": 1e308}\n')
+    assert r.returncode == 0
 
 
 def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):

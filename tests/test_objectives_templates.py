@@ -69,6 +69,10 @@ def test_all_fifteen_objectives_and_aliases(objset):
 def test_unknown_objective_suggests(objset):
     with pytest.raises(UnknownNameError, match=r"unknown objective 'harmles'.*did you mean harmless"):
         objset.resolve("harmles,helpful")
+    # A file where a name goes (a new user's `-O objs/polite.yaml`): the flag that loads it.
+    with pytest.raises(UnknownNameError, match=r"unknown objective 'objs/polite.yaml'; a YAML file is loaded with "
+                                               r"--objective-file objs/polite.yaml, then named by its 'name'"):
+        objset.resolve("objs/polite.yaml")
 
 
 @pytest.mark.parametrize("typed, hint", [

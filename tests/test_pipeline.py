@@ -357,3 +357,106 @@ def test_an_unclosed_csv_quote_names_the_row_it_opens_in(tmp_path):
     bad.write_text('query,response\nq,"a"x\n')
     r = cli("correct", str(bad), "-O", "helpful", "--dry-run")
     assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {bad}:2: invalid CSV: ',' expected after '\"'"
+
+
+def test_an_earlier_output_is_never_replaced_without_overwrite(tmp_path, scripted_backend):
+    """A rerun, a --dry-run or an empty input used to cut a finished -o file to nothing (a new
+    user's trial lost 5 corrections to --dry-run); now each is refused unless --overwrite (or
+    --resume, which continues the file). Blind task exports likewise keep their key."""
+    out = tmp_path / "o.jsonl"
+    inp = '{"id": 1, "query": "q", "response": "a"}\n{"id": 2, "query": "q", "response": "b"}\n'
+    assert cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(out), input=inp).returncode == 0
+    done = out.read_bytes()
+    for extra, stdin in ((["--dry-run"], inp), ([], inp), ([], "")):
+        r = cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(out), *extra, input=stdin)
+        assert r.returncode == 2 and out.read_bytes() == done, (extra, r.stderr.decode())
+        assert f"{out}: holds an earlier run's output (-o); use --resume to continue it, --overwrite to replace " \
+               "it, or another file" in r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(out), "--dry-run", "--overwrite", input=inp)
+    assert r.returncode == 0 and [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2]
+    assert "prompt" in json.loads(out.read_text().splitlines()[0])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")  # an empty file holds nothing to lose
+    assert cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(empty), input=inp).returncode == 0
+    rec = tmp_path / "r.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "a", "corrected": "c", "golden": "g"}\n')
+    tasks, key = tmp_path / "t.jsonl", tmp_path / "k.json"
+    assert cli("judge", str(rec), "-O", "helpful", "--blind-tasks", str(tasks), "--blind-key", str(key)).returncode == 0
+    kept = key.read_bytes()
+    r = cli("judge", str(rec), "-O", "helpful", "--blind-tasks", str(tasks), "--blind-key", str(key), "--seed", "3")
+    assert r.returncode == 2 and "(--blind-tasks); use --overwrite" in r.stderr.decode() and key.read_bytes() == kept
+    r = cli("judge", "-b", "scripted", str(rec), "-O", "helpful", "-o", str(out), "--max-invalid", "1")
+    assert r.returncode == 2 and "(-o); use --resume to continue it" in r.stderr.decode()
+
+
+def test_resume_from_another_input_is_refused(tmp_path, scripted_backend):
+    """--resume matched done rows by id or line only: an output made from input A, resumed with
+    input B, kept A's record as B's line 1; resumed with a shorter input, it kept A's extra rows.
+    Now each done row must echo the input record at its place, and every row must have one."""
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl"
+    a.write_text('{"query": "Say hi", "response": "hi"}\n{"query": "Name a color", "response": "blue"}\n')
+    b.write_text('{"query": "Capital of France?", "response": "Paris"}\n{"query": "2+2?", "response": "4"}\n')
+    out = tmp_path / "o.jsonl"
+    assert cli("correct", "-b", "scripted", "-O", "helpful", str(a), "-o", str(out)).returncode == 0
+    out.write_text(out.read_text().splitlines(keepends=True)[0])  # killed after line 1
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(b), "-o", str(out), "--resume")
+    assert r.returncode == 2 and scripted_backend.loads == 1
+    assert f"{b}:1: --resume: output line 1 ({out}) holds another record for line 1" in r.stderr.decode()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(a), "-o", str(out), "--resume")
+    assert r.returncode == 0 and [json.loads(x)["query"] for x in out.read_text().splitlines()] == \
+        ["Say hi", "Name a color"]
+    short = tmp_path / "short.jsonl"
+    short.write_text(a.read_text().splitlines(keepends=True)[0])
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(short), "-o", str(out), "--resume")
+    assert r.returncode == 2 and "the output holds 1 record(s) this input does not have (first at output line 2)" \
+        in r.stderr.decode()
+    # The same record under its id, with a field the run added (corrected) already in the input: still a match.
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"id": "x", "query": "q", "response": "r", "corrected": "old"}\n'
+                   '{"id": "y", "query": "q", "response": "s"}\n')
+    out2 = tmp_path / "o2.jsonl"
+    assert cli("correct", "-b", "scripted", "-O", "helpful", str(ids), "-o", str(out2)).returncode == 0
+    out2.write_text(out2.read_text().splitlines(keepends=True)[0])
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(ids), "-o", str(out2), "--resume")
+    assert r.returncode == 0 and "1 already done" in r.stderr.decode()
+
+
+def test_an_unfinished_training_run_names_the_command_that_finishes_it(tmp_path):
+    """A run killed before its model card (written last) failed in `correct` with transformers'
+    "Unrecognized model" and in `export` with "no config.json"; both now name `train --resume`."""
+    run = tmp_path / "tiny"
+    run.mkdir()
+    (run / "train_config.yaml").write_text("epochs: 1\n")
+    want = f"error: {run}: an unfinished `metaalign train` run (no metaalign.json yet: it is written last); " \
+           f"finish it with `metaalign train --resume -o {run}`"
+    r = cli("correct", "-O", "helpful", "--model", str(run), "--dry-run", input='{"query": "q", "response": "r"}\n')
+    assert r.returncode == 2 and r.stderr.decode().startswith(want), r.stderr.decode()
+    r = cli("export", str(run))
+    assert r.returncode == 2 and r.stderr.decode().startswith(want), r.stderr.decode()
+
+
+def test_judge_leaves_out_records_correct_kept_as_failed_and_counts_empty_candidates(tmp_path, scripted_backend):
+    """`correct --on-error keep` output went into `judge` as a pipeline and stopped it (exit 2,
+    "not corrected yet?"): a kept failure has nothing to judge, so it is left out and counted.
+    An empty correction is judged as it is, with a warning that counts it."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "query": "q", "response": "fine"}\n{"id": "b", "query": "", "response": "x"}\n'
+                   '{"id": "c", "query": "q2", "response": "y"}\n')
+    out = tmp_path / "c.jsonl"
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--on-error", "keep")
+    assert r.returncode == 1, r.stderr.decode()
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "error" in rows[1] and "corrected" not in rows[1]
+    rows[2]["corrected"] = ""
+    for x in rows:
+        x["golden"] = "g"
+    out.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = cli("judge", "-b", "scripted", str(out), "--max-invalid", "1", "-o", str(tmp_path / "j.jsonl"))
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert f"warning: 1 record(s) failed in `correct` (an 'error' field and no 'corrected'; first: {out}:2): " \
+           "not judged" in err
+    assert f"warning: 1 candidate response(s) are empty (first: {out}:3, field 'corrected')" in err
+    judged = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert sorted({x["record_id"] for x in judged}) == ["a", "c"]

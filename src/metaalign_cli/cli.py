@@ -14,8 +14,9 @@ import sys
 import typer
 
 from metaalign_cli import __version__
-from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, check_output, cli_errors, console, fail,
-                                      note_stdin, progress_bar, quiet_libraries, say, silence_stdout)
+from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, check_not_replacing,
+                                      check_output, cli_errors, console, fail, note_stdin, progress_bar,
+                                      quiet_libraries, say, silence_stdout)
 from metaalign_cli.config import CorrectConfig, ObjectivesConfig
 
 app = typer.Typer(
@@ -82,6 +83,8 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
     from metaalign_cli.correction import RecordFailed, run_correct
 
     check_output(cfg.output)
+    if not cfg.resume:
+        check_not_replacing(cfg.output, overwrite=cfg.overwrite)
     quiet_libraries(cfg.quiet)
     note_stdin(cfg.input)
 
@@ -110,6 +113,10 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
     except BrokenPipeError:
         silence_stdout()  # the reader went away (`| head -1`): stop quietly, as Unix filters do
         raise typer.Exit(EXIT_OK)
+    except KeyboardInterrupt:  # Ctrl-C: every record written so far is whole (JsonlWriter)
+        more = f"; the same command with --resume continues {cfg.output}" if cfg.output != "-" else ""
+        say(f"interrupted{more}")
+        raise typer.Exit(EXIT_INTERRUPTED)
     except OSError as e:
         raise fail(f"{cfg.output if cfg.output != '-' else '<stdout>'}: cannot write output: {e.strerror or e}")
     if cfg.dry_run and not cfg.quiet:

@@ -22,6 +22,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
@@ -82,6 +83,23 @@ def check_output(output: str | Path, flag: str = "-o", suffixes: tuple[str, ...]
         raise fail(f"{output}: cannot write output: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise fail(f"{output}: cannot write output: permission denied")
+
+
+def check_not_replacing(output: str | Path | None, flag: str = "-o", overwrite: bool = False,
+                        resumable: bool = True) -> None:
+    """Refuse (exit 2) to replace a non-empty regular file ``output`` of an earlier run unless
+    ``overwrite`` (``--overwrite``): a rerun, a ``--dry-run`` or an empty input would otherwise
+    cut finished work to nothing. ``resumable``: the message offers ``--resume`` (the caller
+    passes only when it is not set). ``-``, None, absent and empty files and non-regular files
+    (``/dev/null``) pass."""
+    if output is None or str(output) == "-" or overwrite:
+        return
+    p = Path(output)
+    if not p.is_file() or p.stat().st_size == 0:
+        return
+    hint = "--resume to continue it, " if resumable else ""
+    raise fail(f"{output}: holds an earlier run's output ({flag}); use {hint}--overwrite to replace it, "
+               "or another file")
 
 
 def note_stdin(path: str, what: str = "records") -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, check_output, cli_errors, console, fail, note_stdin,
-                                      progress_bar, quiet_libraries, say)
+from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, check_not_replacing, check_output, cli_errors, console,
+                                      fail, note_stdin, progress_bar, quiet_libraries, say)
 from metaalign_cli.config import JudgeConfig
 
 DOC = """Judge candidates against golden responses (win rate, Algorithm 2) or score them 0-10
@@ -36,8 +36,12 @@ def _check_outputs(cfg: JudgeConfig) -> None:
     if cfg.blind_tasks:
         check_output(cfg.blind_tasks, "--blind-tasks")
         check_output(cfg.blind_key, "--blind-key")
+        check_not_replacing(cfg.blind_tasks, "--blind-tasks", cfg.overwrite, resumable=False)
+        check_not_replacing(cfg.blind_key, "--blind-key", cfg.overwrite, resumable=False)
         return
     check_output(cfg.output)
+    if not cfg.resume:
+        check_not_replacing(cfg.output, overwrite=cfg.overwrite)
     if cfg.summary:
         check_output(cfg.summary, "--summary")
     if cfg.plot:

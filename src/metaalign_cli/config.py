@@ -135,8 +135,11 @@ class Invalid(ValueError):
 
 
 def flag_of(cls, key: str) -> str:
-    """The first option name of a config field (``--output-field`` for ``output_field``)."""
+    """The first option name of a config field (``--output-field`` for ``output_field``); an
+    argument's metavar (``INPUTS``), since it has no option name."""
     f = {x.name: x for x in dataclasses.fields(cls)}[key]
+    if f.metadata.get("argument"):
+        return f.metadata.get("metavar") or key.upper()
     flags = f.metadata.get("flags")
     return flags[0].split("/")[0] if flags else "--" + key.replace("_", "-")
 
@@ -312,6 +315,8 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
                                 "drop) or keep (emit the record with an 'error' field).", choices=ON_ERROR,
                         metavar="POLICY", panel="Output")
     resume: bool = opt(False, "With -o FILE: skip the records already in FILE.", panel="Output")
+    overwrite: bool = opt(False, "Replace a non-empty -o FILE (without it, or --resume, the run refuses to).",
+                          panel="Output")
     dry_run: bool = opt(False, "Write each record's prompt (id, line, prompt, chat, system, objectives) instead of "
                                "correcting it; no model loads, so the query is not yet cut to fit the context.",
                         panel="Output")
@@ -432,6 +437,8 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
                         panel="Output")
     resume: bool = opt(False, "With -o FILE: keep FILE's rows and judge only what is missing (failed calls are "
                               "asked again).", panel="Output")
+    overwrite: bool = opt(False, "Replace a non-empty -o FILE, --blind-tasks or --blind-key file (without it, or "
+                                 "--resume for -o, the run refuses to).", panel="Output")
     summary: str | None = opt(None, "Write the summary (win rates, intervals, counts) as JSON.", metavar="FILE",
                               panel="Output")
     plot: str | None = opt(None, "Score mode: a PNG with one histogram panel per objective (needs matplotlib).",
@@ -444,7 +451,8 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
                                       "--blind-tasks, read with --blind-verdicts. Keep it from the judges.",
                                 metavar="FILE", panel="Blind judging")
     blind_verdicts: list[str] = opt([], "A JSONL file of verdicts {\"task\", \"verdict\": 1|2|0} (repeatable: one "
-                                        "per judge); with --blind-key it gives the rows and summary an LLM judge "
+                                        "per judge, each judging a disjoint part of the tasks; a task judged twice "
+                                        "is refused); with --blind-key it gives the rows and summary an LLM judge "
                                         "would.", metavar="FILE", panel="Blind judging")
 
     def validate(self) -> None:
@@ -464,6 +472,8 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
             bad("blind_key", "goes with --blind-tasks (export) or --blind-verdicts (import)")
         if (self.blind_tasks or self.blind_verdicts) and self.mode != PAIRWISE:
             bad("mode", "blind tasks are pairwise (candidate vs golden)")
+        if self.dry_run and (self.blind_tasks or self.blind_verdicts):
+            bad("dry_run", "previews judge calls, and blind tasks or verdicts call no judge: leave it out")
 
 
 @dataclass
@@ -512,7 +522,7 @@ class BuildConfig(ObjectiveFiles):
     def validate(self) -> None:
         """Cross-field checks. Raises Invalid."""
         if not self.inputs:
-            raise Invalid("inputs", "needs at least one input file")
+            raise Invalid("inputs", "is missing: give at least one input file (metaalign build-data FILE... -o DIR)")
         if not self.output:
             raise Invalid("output", "is required: the output directory")
         if self.validation_ratio + self.test_ratio > 1.0:

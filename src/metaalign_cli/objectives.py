@@ -138,6 +138,8 @@ class ObjectiveSet:
         best = max(score.values(), default=0.0)
         close = sorted((n for n, r in score.items() if r >= 0.5 and r >= best - 0.1), key=lambda n: -score[n])[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
+        if name.lower().endswith((".yaml", ".yml")) or "/" in name:  # a file where a name goes
+            hint = f"; a YAML file is loaded with --objective-file {name}, then named by its 'name'"
         raise UnknownNameError(
             f"unknown objective '{name}'{hint} (known: {', '.join(sorted(self.by_name))}; "
             "add a YAML file for a new one)")

@@ -17,6 +17,7 @@ import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -92,6 +93,15 @@ def depth_error(source: str, line: int | None) -> InputError:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """``parse_float``: a number too large for a double (``1e999``) would come back out as
+    ``Infinity``, which is not JSON; it is refused like ``NaN``."""
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text} is out of range (it would be written back as Infinity, not JSON)")
+    return v
 
 
 class _DuplicateKey(ValueError):
@@ -267,7 +277,8 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                 yield SourceRecord(src, lineno, None, depth_error(src, lineno))
                 continue
             try:
-                data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+                data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                                  object_pairs_hook=_unique_keys)
             except _DuplicateKey as e:
                 yield SourceRecord(src, lineno, None, InputError(
                     "duplicate key in a JSON object (which value is meant?)", source=src, line=lineno, field=e.key))
@@ -545,6 +556,19 @@ class DoneRecords:
 
     keys: Counter[str]
     kept_failures: int = 0
+    source: str = ""  # the output file
+    inputs: dict[str, list[str]] = dc_field(default_factory=dict)  # key -> input_digest of each of its rows, in order
+    where: dict[str, list[int]] = dc_field(default_factory=dict)  # key -> output line of each of its rows
+
+
+def input_digest(data: dict, output_field: str = "corrected", key_field: str = "metaalign") -> str:
+    """SHA-256 (16 hex digits) of an input record as it is echoed in an output row: the record
+    without the fields a run adds (``output_field``, ``key_field``, ``error``), so an output row
+    and the input record it was made from give the same digest (what ``--resume`` checks)."""
+    import hashlib
+
+    rest = {k: v for k, v in data.items() if k not in (output_field, key_field, "error")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def done_records(path: str | os.PathLike, output_field: str = "corrected",
@@ -554,8 +578,8 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
 
     Raises InputError when a complete line is not a JSON object: the file is not our output.
     """
-    done = DoneRecords(Counter())
     p = Path(path)
+    done = DoneRecords(Counter(), source=str(p))
     if not p.exists():
         return done
     for lineno, rec in output_records(p):
@@ -565,12 +589,17 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
         if not isinstance(rec.get(key_field), dict):
             raise InputError(f"no '{key_field}' provenance object: --resume only continues a file metaalign wrote "
                              "(is -o the input file?)", source=str(p), line=lineno)
+        key = None
         if rec.get("id") is not None:
-            done.keys[f"id:{rec['id']}"] += 1
+            key = f"id:{rec['id']}"
         else:
             line = (rec.get(key_field) or {}).get("input_line")
             if line is not None:
-                done.keys[f"line:{line}"] += 1
+                key = f"line:{line}"
+        if key is not None:
+            done.keys[key] += 1
+            done.inputs.setdefault(key, []).append(input_digest(rec, output_field, key_field))
+            done.where.setdefault(key, []).append(lineno)
         if "error" in rec and isinstance(rec.get(key_field), dict) and output_field not in rec:
             done.kept_failures += 1
     return done

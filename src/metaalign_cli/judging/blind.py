@@ -117,8 +117,9 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
             if tid not in tasks:
                 other = "" if tid.startswith(prefix) else f" (of another export: this key's tasks start '{prefix}')"
                 raise InputError(f"task {tid!r} is not in the key{other}", rec.source, rec.line, "task")
-            if isinstance(v, bool) or v not in (0, 1, 2):
-                raise InputError(f"verdict must be 1, 2 or 0 (tie), not {v!r}", rec.source, rec.line, "verdict")
+            if type(v) is not int or v not in (0, 1, 2):  # (not true, 1.0 or "1": a verdict is an integer)
+                raise InputError(f"verdict must be 1, 2 or 0 (tie), not {json.dumps(v)[:40]}", rec.source, rec.line,
+                                 "verdict")
             if tid in out:
                 raise InputError(f"task {tid!r} has a second verdict (first at {where[tid]})", rec.source, rec.line,
                                  "task")

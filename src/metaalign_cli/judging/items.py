@@ -36,7 +36,8 @@ class JudgeItem:
 def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSet,
                      objectives: list[Objective] | None, mode: Mode = "pairwise",
                      golden_field: str | None = None, candidate_fields: list[str] | None = None,
-                     query_field: str | None = None, id_field: str = "id") -> list[JudgeItem]:
+                     query_field: str | None = None, id_field: str = "id",
+                     failed: list[SourceRecord] | None = None) -> list[JudgeItem]:
     """Read and check every record before any judge call.
 
     Query: ``query_field`` or the first of :data:`~metaalign_cli.records.QUERY_FIELDS` (or an
@@ -51,6 +52,11 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
     source, line and field for any bad record (unparsable line, missing/duplicate id,
     missing or non-string field, unknown objective). Empty candidates and goldens are kept (a
     weak response can be empty; the paper's samples hold a few empty goldens).
+
+    A record that ``correct --on-error keep`` kept as failed (an ``error`` field and a
+    ``metaalign`` object, no ``corrected`` field) has nothing to judge: it is left out and
+    appended to ``failed`` when that list is given (else it is an error like any record
+    missing its candidate).
     """
     recs = list(records)
     for r in recs:
@@ -62,6 +68,10 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
     names: list[str] | None = list(candidate_fields) if candidate_fields else None
     for r in recs:
         d = r.data
+        if failed is not None and isinstance(d.get("error"), str) and isinstance(d.get("metaalign"), dict) \
+                and CORRECTED_FIELD not in d and (not candidate_fields or CORRECTED_FIELD in candidate_fields):
+            failed.append(r)
+            continue
         if has_ids:
             if d.get(id_field) in (None, ""):
                 raise InputError("missing id (other records have one: alignment is by id)", r.source, r.line, id_field)

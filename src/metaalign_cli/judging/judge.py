@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from metaalign_cli.backends.base import Backend, GenerationSettings
 from metaalign_cli.errors import InputError
 from metaalign_cli.judging.cache import JudgeCache, default_cache_path
-from metaalign_cli.judging.items import JudgeItem, load_judge_items
+from metaalign_cli.judging.items import CORRECTED_FIELD, JudgeItem, load_judge_items
 from metaalign_cli.judging.plan import JudgeOptions, JudgeUnit, plan_units, unit_key
 from metaalign_cli.judging.run import JudgeReport, dry_run, judge_info, judge_units, load_done_rows
 from metaalign_cli.judging.stats import summarize
@@ -66,8 +66,9 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     objs = objset.resolve(cfg.objectives) if cfg.objectives else None
     kind = "judge-pairwise" if cfg.mode == "pairwise" else "judge-score"
     tpl = load_template(cfg.template or kind, kind=kind)
+    failed: list = []
     items = load_judge_items(read_records(cfg.input, cfg.input_format), objset, objs, cfg.mode, cfg.golden_field,
-                             cfg.candidate_field or None, cfg.query_field, cfg.id_field)
+                             cfg.candidate_field or None, cfg.query_field, cfg.id_field, failed=failed)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   stop=tuple(cfg.stop or ()))
     opts = JudgeOptions(template=tpl, mode=cfg.mode, settings=settings, seed=cfg.seed, both_orders=cfg.both_orders,
@@ -75,10 +76,18 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
                         rpm=cfg.rpm or None,
                         prompt_format=cfg.prompt_format, system=cfg.system)
     plan = JudgePlan(items, opts, plan_units(items, opts))
+    if failed:
+        plan.warnings.append(f"{len(failed)} record(s) failed in `correct` (an 'error' field and no "
+                             f"'{CORRECTED_FIELD}'; first: {failed[0].source}:{failed[0].line}): not judged")
     empty = [it for it in items if it.golden is not None and not it.golden.strip()]
     if empty:
         plan.warnings.append(f"{len(empty)} record(s) have an empty golden response (first: {empty[0].source}:"
                              f"{empty[0].line}); they are judged against empty text")
+    blank = [(it, n) for it in items for n, t in it.candidates.items() if not t.strip()]
+    if blank:
+        it, n = blank[0]
+        plan.warnings.append(f"{len(blank)} candidate response(s) are empty (first: {it.source}:{it.line}, field "
+                             f"'{n}'); they are judged as empty text")
     return plan
 
 
