@@ -75,7 +75,7 @@ if has correct; then
     log "correcting $set -> $OUT/corrected/corrector-o/$set.jsonl"
     mkdir -p "$OUT/corrected/corrector-o"
     METAALIGN_HOME="$OUT/home" metaalign correct "$OUT/dev/$set.jsonl" --model corrector-o --repeat-penalty 1.25 \
-        "${CORRECT_EXTRA[@]}" -o "$OUT/corrected/corrector-o/$set.jsonl"
+        "${CORRECT_EXTRA[@]}" --resume -o "$OUT/corrected/corrector-o/$set.jsonl"
   done
   $PY bench/corrector_report.py "$OUT"/dev/{weak-hh,strong-hh,multi-aspect}.jsonl --existing "$OUT/corrected/corrector-o"
 fi
@@ -84,7 +84,9 @@ if has tasks; then
   for set in weak-hh strong-hh multi-aspect; do
     d="$OUT/judging/corrector-o/$set"
     mkdir -p "$d"
-    metaalign judge "$OUT/corrected/corrector-o/$set.jsonl" --blind-tasks "$d/tasks.jsonl" --blind-key "$d/key.json"
+    # the same input and flags give the same export (and key) again, so replacing it loses nothing
+    metaalign judge "$OUT/corrected/corrector-o/$set.jsonl" --blind-tasks "$d/tasks.jsonl" --blind-key "$d/key.json" \
+        --overwrite
     $PY bench/blind_judging.py split "$d/tasks.jsonl" -o "$d/parts" --parts 2 --store "$OUT/judging/store.jsonl"
   done
   log "judge each part with a fresh helper (prompts in $OUT/judging/corrector-o/*/parts/prompts.txt), then:"
