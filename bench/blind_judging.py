@@ -6,7 +6,8 @@ among fresh helper judges, then collect their verdicts into the one file `judge
 never reads the key, so nothing it hands a judge can tell candidates apart.
 
 - ``split TASKS -o DIR --parts N [--store STORE]``: the tasks whose content (query, aspect
-  and the two responses, in either order) has no verdict in STORE go to ``DIR/part-<i>.jsonl``
+  and the two responses, in either order) has no verdict in STORE go to ``DIR/part-<i>.jsonl``,
+  each content once (an unchanged correction shows the same pair as its uncorrected answer)
   (N disjoint parts, in export order, at most ``--max-per-part`` each), with the judge brief
   copied to ``DIR/JUDGE-BRIEF.md`` and one prompt per part in ``DIR/prompts.txt``. Prints how many
   tasks were reused and how many each part holds.
@@ -85,7 +86,12 @@ def read_store(path: Path | None) -> dict[str, str]:
 def cmd_split(a) -> None:
     tasks = read_jsonl(Path(a.tasks))
     store = read_store(Path(a.store) if a.store else None)
-    todo = [t for t in tasks if content_key(t) not in store]
+    todo, seen = [], set(store)
+    for t in tasks:  # a pair the store answers, or one shown earlier in this export, is judged once
+        k = content_key(t)
+        if k not in seen:
+            seen.add(k)
+            todo.append(t)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     if BRIEF.exists():
@@ -100,7 +106,7 @@ def cmd_split(a) -> None:
                                      out=part.with_suffix(".verdicts.jsonl").resolve()))
         print(f"{part}: {len(chunk)} tasks", file=sys.stderr)
     (out / "prompts.txt").write_text("".join(p + "\n\n" for p in prompts), encoding="utf-8")
-    print(f"{len(tasks)} tasks: {len(tasks) - len(todo)} answered by the store, {len(todo)} to judge in "
+    print(f"{len(tasks)} tasks: {len(tasks) - len(todo)} answered by the store or shown twice, {len(todo)} to judge in "
           f"{parts} part(s); prompts in {out / 'prompts.txt'}", file=sys.stderr)
 
 
