@@ -89,9 +89,9 @@ def check_not_replacing(output: str | Path | None, flag: str = "-o", overwrite: 
                         resumable: bool = True) -> None:
     """Refuse (exit 2) to replace a non-empty regular file ``output`` of an earlier run unless
     ``overwrite`` (``--overwrite``): a rerun, a ``--dry-run`` or an empty input would otherwise
-    cut finished work to nothing. ``resumable``: the message offers ``--resume`` (the caller
-    passes only when it is not set). ``-``, None, absent and empty files and non-regular files
-    (``/dev/null``) pass."""
+    cut finished work to nothing. ``resumable``: the message also offers ``--resume`` (callers
+    check only when ``--resume`` is not given). ``-``, None, absent and empty files and
+    non-regular files (``/dev/null``) pass."""
     if output is None or str(output) == "-" or overwrite:
         return
     p = Path(output)

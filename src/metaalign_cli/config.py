@@ -136,7 +136,7 @@ class Invalid(ValueError):
 
 def flag_of(cls, key: str) -> str:
     """The first option name of a config field (``--output-field`` for ``output_field``); an
-    argument's metavar (``INPUTS``), since it has no option name."""
+    argument's metavar (``INPUT``), since it has no option name."""
     f = {x.name: x for x in dataclasses.fields(cls)}[key]
     if f.metadata.get("argument"):
         return f.metadata.get("metavar") or key.upper()

@@ -23,6 +23,7 @@ from pathlib import Path
 from metaalign_cli.errors import MetaAlignError
 
 MODEL_CARD = "metaalign.json"
+TRAIN_CONFIG = "train_config.yaml"  # a `metaalign train` run's first file (its model card is its last)
 EMBEDDED = "embedded"
 PROMPTED_DEFAULT = "smollm2"  # the embedded SmolLM2 used zero-shot through its chat template
 DEFAULT_NAME = "default"
@@ -65,7 +66,7 @@ def check_finished_run(directory: str | Path) -> None:
     the command that finishes it; anything else passes. A killed run's directory otherwise
     fails later with a loader's message about a missing config.json."""
     d = Path(directory)
-    if (d / "train_config.yaml").is_file() and not (d / MODEL_CARD).is_file():
+    if (d / TRAIN_CONFIG).is_file() and not (d / MODEL_CARD).is_file():
         raise MetaAlignError(f"{d}: an unfinished `metaalign train` run (no {MODEL_CARD} yet: it is written last); "
                              f"finish it with `metaalign train --resume -o {d}` (with the run's other flags)")
 

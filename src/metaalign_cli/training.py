@@ -31,11 +31,12 @@ from typing import Any, Callable
 import yaml
 
 from metaalign_cli.config import Invalid, load_config, opt
+from metaalign_cli.correctors import TRAIN_CONFIG
 from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
 from metaalign_cli.gguf_types import GGUF_TYPES
 from metaalign_cli.stages import STAGES
 METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "train_config.yaml"
+CONFIG_FILE = TRAIN_CONFIG
 STAGE_DONE = "stage.json"
 
 
