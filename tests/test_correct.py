@@ -624,6 +624,17 @@ def test_bom_csv_rows_of_wrong_width_nan():
     assert r.returncode == 0
 
 
+def test_a_semicolon_or_tab_separated_csv_is_named_as_such(tmp_path):
+    """A ;-separated export read as CSV is one column 'query;response': the error said the
+    records had no response; now it names the separator (exit 2, before any model loads)."""
+    for sep, name in ((";", "';'"), ("\t", "tab")):
+        f = tmp_path / "in.csv"
+        f.write_text(f"query{sep}response\nhi{sep}there\n", encoding="utf-8")
+        r = run_cli("correct", "-O", "helpful", str(f), "--dry-run")
+        assert r.returncode == 2 and f"{f}:1: the header is one column " in r.stderr.decode() and \
+            f"the file looks {name}-separated; CSV input is comma-separated" in r.stderr.decode(), r.stderr.decode()
+
+
 def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
     """CSV: a byte that is not UTF-8 fails its row alone, naming file, line, field and byte
     (the rows around it are corrected under --on-error keep; the default stops there with

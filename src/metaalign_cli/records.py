@@ -336,6 +336,11 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                         bad = _bad_utf8(name, f"column {i}'s name")
                         if bad:
                             raise InputError(f"header: {bad}", source=src, line=start)
+                    sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
+                    if sep is not None:  # a semicolon-separated export read as one column
+                        raise InputError(f"the header is one column {header[0][:60]!r}: the file looks "
+                                         f"{'tab' if sep == chr(9) else repr(sep)}-separated; CSV input is "
+                                         "comma-separated", source=src, line=start)
                     dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
                     if dup is not None:
                         raise InputError(f"the header names column '{dup}' twice", source=src, line=start)
