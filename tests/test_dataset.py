@@ -354,6 +354,11 @@ def test_cli_strict_one_line_error_exit_2(tmp_path):
     assert "missing_field" in r.stderr.decode()
     stats = json.loads((tmp_path / "o2" / "stats.json").read_text())
     assert stats["bad_records"] == {"missing_field": 1} and stats["items_total"]["preference"] == 1
+    assert "train split is empty" not in r.stderr.decode()
+    # Every query held out (--validation-ratio 1): built, with a warning that train has nothing.
+    r = run_cli("build-data", str(f), "-o", str(tmp_path / "held"), "-O", "harmless", "--validation-ratio", "1")
+    assert r.returncode == 0 and "warning: the train split is empty: every query went to validation or test " \
+        "(--validation-ratio 1.0, --test-ratio 0.0)" in r.stderr.decode(), r.stderr.decode()
     # the failed --strict build left nothing behind: the same command runs again, no --overwrite
     assert not (tmp_path / "o").exists()
     r = run_cli("build-data", str(f), "-o", str(tmp_path / "new" / "deep" / "o"), "-O", "harmless", "--strict")

@@ -129,7 +129,7 @@ def build_data_main(cfg, given: dict) -> None:
     """``metaalign build-data``: flags -> :func:`metaalign_cli.dataset.build_data` -> summary."""
     import signal
 
-    from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, quiet_libraries
+    from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, quiet_libraries, say
     from metaalign_cli.dataset import build_data
 
     output = Path(cfg.output)
@@ -157,6 +157,11 @@ def build_data_main(cfg, given: dict) -> None:
     if not cfg.quiet:
         print_summary(stats.to_dict(), output, console)
     total = sum(stats.to_dict()["items_total"].values())
+    train = sum(stats.to_dict()["items"].get("train", {}).values())
+    if total and not train and not cfg.quiet:  # (e.g. --validation-ratio 1: every query held out)
+        say(f"warning: the train split is empty: every query went to validation or test "
+            f"(--validation-ratio {cfg.validation_ratio}, --test-ratio {cfg.test_ratio}); `metaalign train` "
+            "reads the train split")
     if total == 0:
         raise fail(f"no items were built (see the bad records and dropped pairs above); nothing was written to "
                    f"{output}", EXIT_FAILED)
