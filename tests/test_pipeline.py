@@ -460,3 +460,51 @@ def test_judge_leaves_out_records_correct_kept_as_failed_and_counts_empty_candid
     assert f"warning: 1 candidate response(s) are empty (first: {out}:3, field 'corrected')" in err
     judged = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert sorted({x["record_id"] for x in judged}) == ["a", "c"]
+
+
+def test_no_output_lands_on_the_input_or_on_another_output(tmp_path, scripted_backend):
+    """`judge --summary` given the input's name replaced the input (exit 0), `-o` the input too,
+    and `--blind-tasks` and `--blind-key` on one path left only the key (the judges would get
+    it). Each is refused before anything is read or written, as are --resume with --overwrite
+    and `-o FILE < FILE`."""
+    rec = tmp_path / "in.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "r", "corrected": "c", "golden": "g"}\n')
+    kept = rec.read_bytes()
+    out = tmp_path / "o.jsonl"
+    for args, msg in ((["-o", str(out), "--summary", str(rec)], f"--summary {rec}: is the input file"),
+                      (["-o", str(rec), "--overwrite"], f"--output {rec}: is the input file"),
+                      (["-o", str(out), "--summary", str(out)], f"--summary {out}: is also the --output file"),
+                      (["--blind-tasks", str(out), "--blind-key", str(out)],
+                       f"--blind-key {out}: is also the --blind-tasks file")):
+        r = cli("judge", "-b", "scripted", str(rec), "-O", "helpful", *args)
+        assert r.returncode == 2 and msg in r.stderr.decode(), (args, r.stderr.decode())
+        assert rec.read_bytes() == kept and not out.exists()
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(rec), "-o", str(out), "--resume", "--overwrite")
+    assert r.returncode == 2 and "--overwrite replaces -o FILE and --resume continues it" in r.stderr.decode()
+    import subprocess
+    import sys
+
+    with open(rec, "rb") as stdin:  # a real process: `metaalign correct -o FILE --overwrite < FILE`
+        p = subprocess.run([sys.executable, "-m", "metaalign_cli", "correct", "-O", "helpful", "--dry-run", "-o",
+                            str(rec), "--overwrite"], stdin=stdin, capture_output=True, cwd=REPO)
+    assert p.returncode == 2 and "is the file standard input reads" in p.stderr.decode() and rec.read_bytes() == kept
+
+
+def test_judge_resume_refuses_rows_whose_texts_were_edited(tmp_path, scripted_backend):
+    """`judge --resume` matched rows by (record, objective, candidate) only: a correction edited
+    after it was judged kept its old verdict. Each row now carries a digest of what was judged."""
+    rec = '{"id": "a", "query": "q", "response": "a", "corrected": "%s", "golden": "g"}\n'
+    inp, out = tmp_path / "in.jsonl", tmp_path / "j.jsonl"
+    inp.write_text(rec % "first")
+    r = cli("judge", "-b", "scripted", str(inp), "-O", "helpful", "-o", str(out), "--max-invalid", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(len(x["texts_sha"]) == 16 for x in rows) and rows[0]["texts_sha"] != rows[1]["texts_sha"]
+    out.write_text(out.read_text().splitlines(keepends=True)[0])  # the response's row only
+    inp.write_text(rec % "edited")  # the corrected text changed; the response's did not
+    r = cli("judge", "-b", "scripted", str(inp), "-O", "helpful", "-o", str(out), "--resume", "--max-invalid", "1")
+    assert r.returncode == 0, r.stderr.decode()  # the kept row is still right: only 'corrected' is new
+    inp.write_text(rec.replace('"response": "a"', '"response": "b"') % "edited")
+    r = cli("judge", "-b", "scripted", str(inp), "-O", "helpful", "-o", str(out), "--resume", "--max-invalid", "1")
+    assert r.returncode == 2 and "record 'a''s texts changed since its row was judged (objective 'helpful', " \
+        "candidate 'response')" in r.stderr.decode(), r.stderr.decode()

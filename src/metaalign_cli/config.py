@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import typing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,38 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
         self.max_new_tokens = mnt
         if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
             bad("output", f"{self.output}: the output file is the input file; write to another file")
+        if self.resume and self.overwrite:
+            bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
+        check_distinct_files(self, ("input",), ("output",))
+
+
+def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
+    """Raise :class:`Invalid` when a file a command writes (the fields ``writes`` of ``cfg``) is a
+    file it reads (``reads``), or another file it writes: a judge's ``--summary`` given the input's
+    name replaced the input, and ``--blind-tasks`` and ``--blind-key`` on one path left only the
+    key. ``-`` and unset fields are skipped; paths are compared resolved (symlinks followed)."""
+    def path(key: str) -> Path | None:
+        v = getattr(cfg, key)
+        return None if v in (None, "-") else Path(v).resolve()
+
+    seen = {path(k): k for k in reads if path(k) is not None}
+    stdin = None
+    if any(getattr(cfg, k) == "-" for k in reads):
+        try:  # `-o FILE < FILE`: standard input is the file to be written
+            stdin = os.fstat(0)
+        except OSError:
+            stdin = None
+    for key in writes:
+        p = path(key)
+        if p is None:
+            continue
+        if stdin is not None and stdin.st_size and p.is_file() and os.path.samestat(stdin, p.stat()):
+            raise Invalid(key, f"{getattr(cfg, key)}: is the file standard input reads; give each output its own file")
+        if p in seen:
+            other = seen[p]
+            what = "the input file" if other in reads else f"also the {flag_of(type(cfg), other)} file"
+            raise Invalid(key, f"{getattr(cfg, key)}: is {what}; give each output its own file")
+        seen[p] = key
 
 
 PAIRWISE, SCORE = "pairwise", "score"
@@ -474,6 +507,9 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
             bad("mode", "blind tasks are pairwise (candidate vs golden)")
         if self.dry_run and (self.blind_tasks or self.blind_verdicts):
             bad("dry_run", "previews judge calls, and blind tasks or verdicts call no judge: leave it out")
+        if self.resume and self.overwrite:
+            bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
+        check_distinct_files(self, ("input",), ("output", "summary", "plot", "blind_tasks", "blind_key"))
 
 
 @dataclass

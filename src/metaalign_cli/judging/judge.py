@@ -102,12 +102,17 @@ def resumed_rows(path: str | os.PathLike, plan: JudgePlan) -> list[dict]:
     Raises InputError when the file is not judge output, holds rows this plan does not have
     (another input or flags) or rows of another mode. :func:`kept_rows` checks their judge."""
     rows = load_done_rows(path)
-    planned = {u.key for u in plan.units}
+    planned = {u.key: u for u in plan.units}
     for r in rows:
-        if unit_key(r["record_id"], r["objective"], r["candidate"]) not in planned:
+        unit = planned.get(unit_key(r["record_id"], r["objective"], r["candidate"]))
+        if unit is None:
             raise InputError(f"resumed rows do not match this run (record {r['record_id']!r}, objective "
                              f"'{r['objective']}', candidate '{r['candidate']}' is not planned); use the same input "
                              "and flags", source=str(path))
+        if r.get("texts_sha") not in (None, unit.texts_sha):  # (rows written before it was recorded: none)
+            raise InputError(f"resumed rows do not match this run: record {r['record_id']!r}'s texts changed since "
+                             f"its row was judged (objective '{r['objective']}', candidate '{r['candidate']}'); "
+                             "judge into another file, or --overwrite", source=str(path))
         if r.get("mode", plan.options.mode) != plan.options.mode:
             raise InputError("holds rows of another --mode; cannot resume", source=str(path))
     return rows

@@ -35,6 +35,17 @@ class JudgeUnit:
     def key(self) -> tuple[str, str, str]:
         return unit_key(self.item.record_id, self.objective.name, self.candidate)
 
+    @property
+    def texts_sha(self) -> str:
+        """First 16 hex digits of the SHA-256 of what is judged (query, the candidate's text, the
+        golden response, the objective's text): a row's ``texts_sha``, which ``--resume``
+        compares, so a verdict is never kept for text edited since."""
+        import hashlib
+
+        texts = [self.item.question, self.item.candidates[self.candidate], self.item.golden,
+                 aspect_text(self.objective)]
+        return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
 
 def unit_key(record_id: Any, objective: str, candidate: str) -> tuple[str, str, str]:
     """Identity of a unit in an output file (resume): (JSON of the record id, objective, candidate)."""

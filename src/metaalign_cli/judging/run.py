@@ -158,7 +158,7 @@ def unit_row(unit: JudgeUnit, asks: list[dict], opts: JudgeOptions, info: dict) 
     ``value`` (the parsed verdict or score, None when invalid) and, pairwise, ``order`` and
     ``candidate_position``; the asks are changed in place into the row's ``judgments``."""
     row: dict = {"record_id": unit.item.record_id, "input_line": unit.item.line, "objective": unit.objective.name,
-                 "candidate": unit.candidate, "mode": opts.mode}
+                 "candidate": unit.candidate, "mode": opts.mode, "texts_sha": unit.texts_sha}
     bad = next((a for a in asks if a["value"] is None), None)
     if opts.mode == "score":
         row["outcome"] = "invalid" if bad else "scored"
