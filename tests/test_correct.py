@@ -578,7 +578,7 @@ def test_csv_input_reference_columns(tmp_path):
 def test_output_problems_fail_early_in_one_line(tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_text('{"id": 1, "query": "a", "response": "b"}\n')
-    cases = [(["-o", str(f), str(f)], "the output file is the input file"),
+    cases = [(["-o", str(f), str(f)], f"--output {f}: is the input file; give each output its own file"),
              (["-o", str(tmp_path), str(f)], "is a directory; -o takes a file"),
              (["--output-field", " ", str(f)], "--output-field must not be empty"),
              (["--objectives-dir", str(f), str(f)], "not a directory (use --objective-file for a file)"),

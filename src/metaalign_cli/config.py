@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import typing
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,8 +372,6 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
         if mnt != "auto" and not (mnt.isdigit() and int(mnt) >= 1):
             bad("max_new_tokens", f"must be a number >= 1 or auto, not {self.max_new_tokens!r}")
         self.max_new_tokens = mnt
-        if self.output != "-" and self.input != "-" and Path(self.output).resolve() == Path(self.input).resolve():
-            bad("output", f"{self.output}: the output file is the input file; write to another file")
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
         check_distinct_files(self, ("input",), ("output",))
