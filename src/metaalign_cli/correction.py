@@ -21,7 +21,7 @@ from metaalign_cli.backends.base import Backend, Generation, GenerationSettings,
 from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
 from metaalign_cli.records import (DoneRecords, JsonlWriter, SourceRecord, check_record_id, extract_query_response,
-                                   input_digest, output_records)
+                                   input_digest, output_records, text_sha)
 from metaalign_cli.templates import CorrectionTemplate
 
 if TYPE_CHECKING:
@@ -238,16 +238,14 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
     resumed = 0
     if done is not None:
         skip_keys = done.keys
-    consumed: Counter[str] = Counter()
     for rec in records:
         if skip_keys and skip_keys.get(rec.key, 0) > 0:
+            rows = done.rows.get(rec.key, []) if done is not None else []
+            i = len(rows) - skip_keys[rec.key]  # this record's done row: the first not yet met
             skip_keys[rec.key] -= 1  # a count: records may repeat an id
-            i, consumed[rec.key] = consumed[rec.key], consumed[rec.key] + 1
-            digests = done.inputs.get(rec.key, []) if done is not None else []
-            if rec.data is not None and i < len(digests) and \
-                    digests[i] != input_digest(rec.data, opts.output_field):
+            if rec.data is not None and 0 <= i < len(rows) and rows[i][0] != input_digest(rec.data, opts.output_field):
                 what = f"id {rec.data['id']!r}" if rec.key.startswith("id:") else f"line {rec.line}"
-                raise InputError(f"--resume: output line {done.where[rec.key][i]} ({done.source}) holds another "
+                raise InputError(f"--resume: output line {rows[i][1]} ({done.source}) holds another "
                                  f"record for {what}: the output was made from another input; use that input, "
                                  "or another output file", rec.source, rec.line)
             resumed += 1
@@ -269,19 +267,12 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
     left = [k for k, n in (skip_keys or {}).items() if n > 0] if done is not None else []
     if left:
         n = sum(skip_keys[k] for k in left)
-        line = done.where[left[0]][consumed[left[0]]]
+        rows = done.rows[left[0]]
+        line = rows[len(rows) - skip_keys[left[0]]][1]
         raise InputError(f"--resume: the output holds {n} record(s) this input does not have (first at output line "
                          f"{line}): it was made from another input; use that input, or another output file",
                          source=done.source)
     return out, resumed
-
-
-def text_sha(text: str) -> str:
-    """First 16 hex digits of the SHA-256 of ``text`` (UTF-8): what ``--resume`` compares when a
-    name alone does not say what was sent (a template's or an objective's edited text)."""
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def template_sha(template: CorrectionTemplate) -> str:

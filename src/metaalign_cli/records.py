@@ -562,18 +562,24 @@ class DoneRecords:
     keys: Counter[str]
     kept_failures: int = 0
     source: str = ""  # the output file
-    inputs: dict[str, list[str]] = dc_field(default_factory=dict)  # key -> input_digest of each of its rows, in order
-    where: dict[str, list[int]] = dc_field(default_factory=dict)  # key -> output line of each of its rows
+    rows: dict[str, list[tuple[str, int]]] = dc_field(default_factory=dict)  # key -> (input_digest, output line)
+
+
+def text_sha(text: str) -> str:
+    """First 16 hex digits of the SHA-256 of ``text`` (UTF-8): what ``--resume`` compares when a
+    name alone does not say what was sent (a template's or an objective's edited text, an input
+    record, a judged pair's texts)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def input_digest(data: dict, output_field: str = "corrected", key_field: str = "metaalign") -> str:
-    """SHA-256 (16 hex digits) of an input record as it is echoed in an output row: the record
-    without the fields a run adds (``output_field``, ``key_field``, ``error``), so an output row
-    and the input record it was made from give the same digest (what ``--resume`` checks)."""
-    import hashlib
-
+    """:func:`text_sha` of an input record as it is echoed in an output row: the record without
+    the fields a run adds (``output_field``, ``key_field``, ``error``), so an output row and the
+    input record it was made from give the same digest (what ``--resume`` checks)."""
     rest = {k: v for k, v in data.items() if k not in (output_field, key_field, "error")}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    return text_sha(json.dumps(rest, sort_keys=True, ensure_ascii=False))
 
 
 def done_records(path: str | os.PathLike, output_field: str = "corrected",
@@ -603,8 +609,7 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
                 key = f"line:{line}"
         if key is not None:
             done.keys[key] += 1
-            done.inputs.setdefault(key, []).append(input_digest(rec, output_field, key_field))
-            done.where.setdefault(key, []).append(lineno)
+            done.rows.setdefault(key, []).append((input_digest(rec, output_field, key_field), lineno))
         if "error" in rec and isinstance(rec.get(key_field), dict) and output_field not in rec:
             done.kept_failures += 1
     return done

@@ -10,6 +10,7 @@ from metaalign_cli.backends.base import GenerationSettings, Prompt
 from metaalign_cli.judging.items import JudgeItem, Mode
 from metaalign_cli.judging.verdicts import candidate_position
 from metaalign_cli.objectives import Objective
+from metaalign_cli.records import text_sha
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,9 @@ class JudgeUnit:
         """First 16 hex digits of the SHA-256 of what is judged (query, the candidate's text, the
         golden response, the objective's text): a row's ``texts_sha``, which ``--resume``
         compares, so a verdict is never kept for text edited since."""
-        import hashlib
-
         texts = [self.item.question, self.item.candidates[self.candidate], self.item.golden,
                  aspect_text(self.objective)]
-        return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+        return text_sha(json.dumps(texts, ensure_ascii=False))
 
 
 def unit_key(record_id: Any, objective: str, candidate: str) -> tuple[str, str, str]:
