@@ -46,12 +46,12 @@ def mean_rating(completion: dict) -> float:
     return statistics.mean(float(completion["annotations"][a]["Rating"]) for a in ASPECTS)
 
 
-def strong_hh(csv_path: Path, rows: str, n: int, seed: int, prefix: str) -> list[dict]:
+def strong_hh(csv_path: Path, rows: str, n: int, seed: int, prefix: str, exclude: str | None = None) -> list[dict]:
     data = read_rows(str(csv_path))
     lo, _, hi = rows.partition(":")
     return [{"id": f"{prefix}{i}", "query": data[i]["query"], "response": data[i]["generated_text"],
              "golden": data[i]["goldens"], "objectives": ["harmless", "helpful"]}
-            for i in pick_rows(len(data), int(lo or 0), int(hi) if hi else len(data), n, seed)]
+            for i in pick_rows(len(data), int(lo or 0), int(hi) if hi else len(data), n, seed, exclude)]
 
 
 def multi_aspect(path: Path, ratio: float, split_seed: int) -> list[dict]:
@@ -91,13 +91,15 @@ def main() -> None:
     ap.add_argument("--rows", default="0:600")
     ap.add_argument("-n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", metavar="N:SEED", help="leave out the rows of the seeded N-sample of the range "
+                    "(as bench/weak_policy.py --exclude)")
     ap.add_argument("--multi-aspect", default=str(DATA / "multi-aspect" / "just-eval-ultrafeedback-160.jsonl"))
     ap.add_argument("--validation-ratio", type=float, default=0.25)
     ap.add_argument("--split-seed", type=int, default=0)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    write(out / "strong-hh.jsonl", strong_hh(Path(a.csv), a.rows, a.n, a.seed, "hh-dev-"))
+    write(out / "strong-hh.jsonl", strong_hh(Path(a.csv), a.rows, a.n, a.seed, "hh-dev-", a.exclude))
     ma = multi_aspect(Path(a.multi_aspect), a.validation_ratio, a.split_seed)
     write(out / "multi-aspect.jsonl", ma)
     write(out / "multi-aspect-instructions.jsonl", [{"query": r["instruction"]} for r in ma])

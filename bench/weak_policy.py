@@ -47,10 +47,18 @@ def read_rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def pick_rows(n_rows: int, lo: int, hi: int, n: int | None, seed: int) -> list[int]:
+def pick_rows(n_rows: int, lo: int, hi: int, n: int | None, seed: int, exclude: str | None = None) -> list[int]:
     """0-based row indices: a ``random.Random(seed)`` sample of ``n`` from [lo, min(hi, n_rows)),
-    sorted (all of them when ``n`` is None or larger than the range)."""
+    sorted (all of them when ``n`` is None or larger than the range).
+
+    ``exclude="N:SEED"`` first leaves out the rows that ``pick_rows(n_rows, lo, hi, N, SEED)``
+    picks, so a second development set of the same range shares no row with the first
+    (``--exclude 50:0`` beside the judged 50 of seed 0)."""
     pool = list(range(lo, min(hi, n_rows)))
+    if exclude:
+        ex_n, _, ex_seed = exclude.partition(":")
+        taken = set(pick_rows(n_rows, lo, hi, int(ex_n), int(ex_seed or 0)))
+        pool = [i for i in pool if i not in taken]
     if n is not None and n < len(pool):
         pool = random.Random(seed).sample(pool, n)
     return sorted(pool)
@@ -63,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="0:", help="row range LO:HI (0-based, HI exclusive; default all)")
     ap.add_argument("-n", "--sample", type=int, help="answer a seeded sample of this many rows of the range")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", metavar="N:SEED", help="leave out the rows of the seeded N-sample of the same range")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--id-prefix", default="row-")
     ap.add_argument("--query-field", default="query")
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lo_s, _, hi_s = a.rows.partition(":")
     rows = read_rows(a.input)
-    idx = pick_rows(len(rows), int(lo_s or 0), int(hi_s) if hi_s else len(rows), a.sample, a.seed)
+    idx = pick_rows(len(rows), int(lo_s or 0), int(hi_s) if hi_s else len(rows), a.sample, a.seed, a.exclude)
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()

@@ -454,7 +454,8 @@ def test_judge_leaves_out_records_correct_kept_as_failed_and_counts_empty_candid
     out.write_text("".join(json.dumps(x) + "\n" for x in rows))
     r = cli("judge", "-b", "scripted", str(out), "--max-invalid", "1", "-o", str(tmp_path / "j.jsonl"))
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    assert r.returncode == 1, err  # some records failed, as `correct` exits on the same file
+    assert err.rstrip().endswith("error: 1 record(s) that failed in `correct` were not judged"), err
     assert f"warning: 1 record(s) failed in `correct` (an 'error' field and no 'corrected'; first: {out}:2): " \
            "not judged" in err
     assert f"warning: 1 candidate response(s) are empty (first: {out}:3, field 'corrected')" in err
@@ -508,3 +509,27 @@ def test_judge_resume_refuses_rows_whose_texts_were_edited(tmp_path, scripted_ba
     r = cli("judge", "-b", "scripted", str(inp), "-O", "helpful", "-o", str(out), "--resume", "--max-invalid", "1")
     assert r.returncode == 2 and "record 'a''s texts changed since its row was judged (objective 'helpful', " \
         "candidate 'response')" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_correct_warns_before_it_runs_when_judge_would_refuse_the_ids(tmp_path):
+    """`correct` took duplicate ids and records with and without ids, and `judge` refused its
+    output only afterwards (after a long run). Each record is still corrected; one warning line
+    names the record, before any is."""
+    for body, want in (
+            ('{"id": "a", "query": "q", "response": "r"}\n{"id": "b", "query": "q", "response": "r"}\n'
+             '{"id": "a", "query": "q2", "response": "r2"}\n', ':3: id "a" is also on line 1: `judge` aligns records by id'),
+            ('{"id": 1, "query": "q", "response": "r"}\n{"query": "q", "response": "r"}\n',
+             ":2: no id, while other records have one: `judge` aligns records by id")):
+        inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        inp.write_text(body)
+        r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--overwrite")
+        err = r.stderr.decode()
+        assert r.returncode == 0, err
+        assert f"warning: {inp}{want}" in err, err
+        assert len(out.read_text().splitlines()) == body.count("\n")
+        j = cli("judge", "-b", "scripted", str(out), "--golden-field", "response", "-o", str(tmp_path / "j.jsonl"),
+                "--overwrite")
+        assert j.returncode == 2, j.stderr.decode()  # what the warning foretold
+    inp.write_text('{"id": "a", "query": "q", "response": "r"}\n{"id": "b", "query": "q", "response": "r"}\n')
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--overwrite")
+    assert r.returncode == 0 and "aligns records by id" not in r.stderr.decode()

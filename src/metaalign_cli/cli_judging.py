@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_OK, check_not_replacing, check_output, cli_errors, console,
-                                      fail, note_stdin, progress_bar, quiet_libraries, say)
+from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, check_not_replacing, check_output,
+                                      cli_errors, console, fail, note_stdin, progress_bar, quiet_libraries, say)
 from metaalign_cli.config import JudgeConfig
 
 DOC = """Judge candidates against golden responses (win rate, Algorithm 2) or score them 0-10
@@ -18,7 +18,8 @@ for people (or any outside judge) and import their verdicts.
 
 Each output row holds the record id, objective, candidate, position order, the exact
 prompt, the raw answer, the parsed verdict, latency and tokens. Exit 1 when the invalid
-rate exceeds --max-invalid, 2 on bad input."""
+rate exceeds --max-invalid or records that failed in `correct` were left out, 2 on bad
+input."""
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +58,10 @@ def judge_main(cfg: JudgeConfig, given: dict) -> None:
     quiet_libraries(cfg.quiet)
     note_stdin(cfg.input, "records to judge")
     with cli_errors():
+        if cfg.blind_verdicts and "seed" not in given:
+            from metaalign_cli.judging.blind import key_seed
+
+            cfg.seed = key_seed(cfg.blind_key, cfg.seed)  # the positions the export drew
         plan = plan_judge(cfg)
         if not cfg.quiet:
             for w in plan.warnings:
@@ -75,6 +80,9 @@ def judge_main(cfg: JudgeConfig, given: dict) -> None:
     if run.exit_code(cfg.max_invalid):
         say(f"error: {summ['invalid']} of {summ['units']} judgment(s) invalid "
             f"({summ['invalid_rate']:.1%} > --max-invalid {cfg.max_invalid:.1%})")
+        raise typer.Exit(EXIT_FAILED)
+    if plan.failed_records:  # (warned above) as `correct` exits on the same file
+        say(f"error: {plan.failed_records} record(s) that failed in `correct` were not judged")
         raise typer.Exit(EXIT_FAILED)
     raise typer.Exit(EXIT_OK)
 
@@ -103,6 +111,10 @@ def _judge(cfg: JudgeConfig, plan):
 
         try:
             return run_judge(cfg, plan, on_progress=on_progress, on_model=on_model)
+        except KeyboardInterrupt:  # Ctrl-C: every judgment written so far is a whole line
+            more = f"; the same command with --resume continues {cfg.output}" if cfg.output != "-" else ""
+            say(f"interrupted{more}")
+            raise typer.Exit(EXIT_INTERRUPTED)
         except OSError as e:
             where = cfg.output if cfg.output != "-" else "<stdout>"
             raise fail(f"{where}: cannot write output: {e.strerror or e} (the judgments before it are kept)")

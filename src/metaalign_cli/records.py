@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from metaalign_cli.errors import InputError
 from metaalign_cli.templates import dialogue_to_text
@@ -163,6 +163,30 @@ def check_record_id(rec: SourceRecord, field: str = "id") -> Any:
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise InputError(f"expected a string or integer id, got {type(rid).__name__}", rec.source, rec.line, field)
     return rid
+
+
+def id_warning(records: Iterable[SourceRecord], field: str = "id") -> str | None:
+    """Why ``judge`` would refuse these records' output (it aligns records by id): an id on two
+    records, or records without an id beside records with one; None when neither. ``correct``
+    warns with it before it runs, not after (each record is still corrected)."""
+    seen: dict[str, int] = {}
+    missing = None
+    has_ids = False
+    for r in records:
+        rid = r.data.get(field) if isinstance(r.data, dict) else None
+        if rid in (None, ""):
+            missing = missing or r
+            continue
+        has_ids = True
+        k = json.dumps(rid)
+        if k in seen:
+            return (f"{r.source}:{r.line}: id {json.dumps(rid)} is also on line {seen[k]}: `judge` aligns records by "
+                    "id and will refuse the output (give each record its own id)")
+        seen[k] = r.line
+    if has_ids and missing is not None:
+        return (f"{missing.source}:{missing.line}: no id, while other records have one: `judge` aligns records by id "
+                "and will refuse the output (give each record an id, or none)")
+    return None
 
 
 def source_name(path: str | os.PathLike | None) -> str:

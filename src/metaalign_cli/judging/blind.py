@@ -5,7 +5,8 @@ RESPONSE 2 (a candidate and the golden response, in the position the LLM judge w
 :func:`~metaalign_cli.judging.verdicts.candidate_position`, or both orders) and one objective
 with its description; no candidate names; tasks shuffled (seeded). The key that maps tasks back
 to (record, objective, candidate, position) is written to a separate file, so whoever judges
-never sees it. Verdicts come back as JSONL ``{"task": ID, "verdict": 1|2|0}`` (0 = tie) and
+never sees it. Verdicts come back as JSONL ``{"task": ID, "verdict": 1|2|0}`` (0 = tie; other
+fields, such as a comment, are ignored) and
 become the same judgment rows, summary, intervals and advantage an LLM judge gives.
 
 An export is identified by a digest of its plan (records, objectives, candidates, positions
@@ -74,9 +75,21 @@ def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dic
     return tasks, {"format": KEY_FORMAT, "export": eid, "seed": seed, "version": __version__, "tasks": key}
 
 
-def read_key(path: str | os.PathLike, units: list[JudgeUnit]) -> dict:
+def key_seed(path: str | os.PathLike, default: int) -> int:
+    """The ``seed`` an export's key records (what drew its positions), so an import needs no
+    ``--seed`` again; ``default`` when the file cannot be read as a key (:func:`read_key` then
+    says why)."""
+    try:
+        seed = json.loads(Path(path).read_text(encoding="utf-8")).get("seed")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        return default
+    return seed if type(seed) is int else default
+
+
+def read_key(path: str | os.PathLike, units: list[JudgeUnit], seed: int | None = None) -> dict:
     """The key file of an export, checked against the plan of this run (the same input and
-    flags must give the same export id). Raises InputError naming the file."""
+    flags must give the same export id; ``seed``, this run's, is named when it is not the
+    key's). Raises InputError naming the file."""
     p = Path(path)
     try:
         key = json.loads(p.read_text(encoding="utf-8"))
@@ -87,15 +100,18 @@ def read_key(path: str | os.PathLike, units: list[JudgeUnit]) -> dict:
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(key.get("tasks"), list):
         raise InputError("not a blind-task key written by `metaalign judge --blind-key`", source=str(p))
     if key.get("export") != export_id(units):
+        why = f" (it was exported with --seed {key['seed']}, this run has --seed {seed})" \
+            if seed is not None and key.get("seed") != seed else ""
         raise InputError(f"the key is of export {key.get('export')!r}, not of this input and flags "
-                         f"({export_id(units)!r}): use the input and flags of the export", source=str(p))
+                         f"({export_id(units)!r}){why}: use the input and flags of the export", source=str(p))
     return key
 
 
 def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
     """Task id -> verdict (0, 1 or 2) from one or more JSONL verdict files (each judge's part).
 
-    Every task of ``key`` must have exactly one verdict across the files. Raises InputError
+    Every task of ``key`` must have exactly one verdict across the files; other fields of a
+    line (an annotator's name or comment) are left as they are. Raises InputError
     naming file and line for a line that is not ``{"task": ..., "verdict": 0|1|2}``, a task the
     key does not hold (of another export when its id prefix differs), a task given twice, and
     naming the first missing task when some have none."""
@@ -123,10 +139,6 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
             if tid in out:
                 raise InputError(f"task {tid!r} has a second verdict (first at {where[tid]})", rec.source, rec.line,
                                  "task")
-            extra = set(d) - {"task", "verdict"}
-            if extra:
-                raise InputError(f"unexpected field(s) {', '.join(sorted(extra))} (a verdict line is "
-                                 "{\"task\", \"verdict\"})", rec.source, rec.line)
             out[tid], where[tid] = v, at
     missing = [t["task"] for t in key["tasks"] if t["task"] not in out]
     if missing:

@@ -30,6 +30,7 @@ class JudgePlan:
     options: JudgeOptions
     units: list[JudgeUnit]
     warnings: list[str] = field(default_factory=list)
+    failed_records: int = 0  # records `correct --on-error keep` kept as failed: left out
 
     @property
     def candidates(self) -> list[str]:
@@ -76,6 +77,7 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
                         rpm=cfg.rpm or None,
                         prompt_format=cfg.prompt_format, system=cfg.system)
     plan = JudgePlan(items, opts, plan_units(items, opts))
+    plan.failed_records = len(failed)
     if failed:
         plan.warnings.append(f"{len(failed)} record(s) failed in `correct` (an 'error' field and no "
                              f"'{CORRECTED_FIELD}'; first: {failed[0].source}:{failed[0].line}): not judged")
@@ -237,7 +239,7 @@ def run_blind_import(cfg: "JudgeConfig", plan: JudgePlan | None = None) -> Judge
     from metaalign_cli.records import JsonlWriter
 
     plan = plan or plan_judge(cfg)
-    key = read_key(cfg.blind_key, plan.units)
+    key = read_key(cfg.blind_key, plan.units, cfg.seed)
     verdicts = read_verdicts(cfg.blind_verdicts, key)
     judge = {"backend": "blind", "model": "outside judges", "export": key["export"],
              "verdict_files": [str(p) for p in cfg.blind_verdicts], "seed": key["seed"],
