@@ -533,3 +533,17 @@ def test_correct_warns_before_it_runs_when_judge_would_refuse_the_ids(tmp_path):
     inp.write_text('{"id": "a", "query": "q", "response": "r"}\n{"id": "b", "query": "q", "response": "r"}\n')
     r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--overwrite")
     assert r.returncode == 0 and "aligns records by id" not in r.stderr.decode()
+
+
+def test_numbers_of_the_input_come_back_as_the_same_json_values(tmp_path):
+    """README: each input record comes back unchanged as JSON values; a number is re-written
+    in Python's shortest form (1E2 as 100.0, -0 as 0), a big integer exactly."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 7, "query": "q", "response": "r", "score": 1E2, "z": -0, "n": 123456789012345678901234567890, '
+                   '"f": 0.1, "nested": {"a": [1, 2.50, true, null]}}\n')
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 0, r.stderr.decode()
+    line = (tmp_path / "o.jsonl").read_text()
+    assert line.startswith('{"id": 7, "query": "q", "response": "r", "score": 100.0, "z": 0, '
+                           '"n": 123456789012345678901234567890, "f": 0.1, "nested": {"a": [1, 2.5, true, null]}, '
+                           '"corrected": '), line
