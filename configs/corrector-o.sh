@@ -5,6 +5,7 @@
 #   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
 #   STEPS="data train" bash configs/corrector-o.sh   # only some steps (dev data train correct tasks)
 #   SMOKE=1 OUT=/tmp/o bash configs/corrector-o.sh   # the same commands on 3 rows each, 2 training steps
+#   RECIPE=p bash configs/corrector-o.sh   # corrector-p (configs/corrector-p.yaml): o with no refusal fix targets
 #
 # Every step writes under $OUT (default out/, git-ignored) and resumes: a weak-answer file that
 # is complete is not redone (bench/weak_policy.py --resume), nor a correction (`correct` resumes).
@@ -33,9 +34,16 @@ if [[ -n "${SMOKE:-}" ]]; then
 else
   DEV_N=50; RED_N=191; GEN_N=100; SAMPLES_N=320; TOKENS=256; TRAIN_EXTRA=(); CORRECT_EXTRA=()
 fi
-RUN="$OUT/runs/corrector-o"
+RECIPE=${RECIPE:-o}
+case "$RECIPE" in
+  o) FIX_REFUSALS=0.1 ;;   # at most 10% of each fix/pref part's targets open with a refusal
+  p) FIX_REFUSALS=0 ;;     # none do
+  *) echo "RECIPE is o or p" >&2; exit 2 ;;
+esac
+NAME="corrector-$RECIPE"
+RUN="$OUT/runs/$NAME"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-log() { echo "[corrector-o $(date +%H:%M:%S)] $*" >&2; }
+log() { echo "[$NAME $(date +%H:%M:%S)] $*" >&2; }
 
 if has dev; then
   log "development sets -> $OUT/dev"
@@ -53,10 +61,10 @@ if has data; then
       --keep-fields target --batch-size 8 --resume -o "$OUT/weak/general.jsonl"
   $PY bench/weak_policy.py "$CSV" --rows 600:1000 -n "$SAMPLES_N" --seed 3 --max-tokens "$TOKENS" --id-prefix mid- \
       --keep-fields generated_text,goldens --batch-size 8 --resume -o "$OUT/weak/samples.jsonl"
-  log "the mix -> $OUT/corrector-mix-o"
-  $PY configs/corrector_data.py build --pools "$OUT/pools" --weak "$OUT/weak" -o "$OUT/corrector-mix-o" \
+  log "the mix -> $OUT/corrector-mix-$RECIPE"
+  $PY configs/corrector_data.py build --pools "$OUT/pools" --weak "$OUT/weak" -o "$OUT/corrector-mix-$RECIPE" \
       --exclude-instructions "$OUT/dev/multi-aspect-instructions.jsonl" --template hh-rlhf --seed 1 --stage preference \
-      --max-target-words 120 --min-chosen-words 12 --max-refusal-share 0.1 \
+      --max-target-words 120 --min-chosen-words 12 --max-refusal-share "$FIX_REFUSALS" \
       --max-keep-refusal-share 0.5 --keep-samples-models claude,gpt35 \
       --fix-samples 100 --fix-redteam 40 --fix-general 20 --keep-samples 40 --keep-redteam 10 --keep-general 35 \
       --pref-ma 20 --fix-declines 30
@@ -64,32 +72,32 @@ fi
 
 if has train; then
   log "training -> $RUN"
-  metaalign train -c configs/corrector-o.yaml --data "$OUT/corrector-mix-o" -o "$RUN" "${TRAIN_EXTRA[@]}"
+  metaalign train -c "configs/$NAME.yaml" --data "$OUT/corrector-mix-$RECIPE" -o "$RUN" "${TRAIN_EXTRA[@]}"
   # the shipped form: the f16 GGUF LoRA (export_gguf in the config) on the embedded base, installed
   # under its own name in a home of its own (so the user's `default` is left as it is)
-  METAALIGN_HOME="$OUT/home" metaalign export "$RUN" --install corrector-o
+  METAALIGN_HOME="$OUT/home" metaalign export "$RUN" --install "$NAME"
 fi
 
 if has correct; then
   for set in weak-hh strong-hh multi-aspect; do
-    log "correcting $set -> $OUT/corrected/corrector-o/$set.jsonl"
-    mkdir -p "$OUT/corrected/corrector-o"
-    METAALIGN_HOME="$OUT/home" metaalign correct "$OUT/dev/$set.jsonl" --model corrector-o --repeat-penalty 1.25 \
-        "${CORRECT_EXTRA[@]}" --resume -o "$OUT/corrected/corrector-o/$set.jsonl"
+    log "correcting $set -> $OUT/corrected/$NAME/$set.jsonl"
+    mkdir -p "$OUT/corrected/$NAME"
+    METAALIGN_HOME="$OUT/home" metaalign correct "$OUT/dev/$set.jsonl" --model "$NAME" --repeat-penalty 1.25 \
+        "${CORRECT_EXTRA[@]}" --resume -o "$OUT/corrected/$NAME/$set.jsonl"
   done
-  $PY bench/corrector_report.py "$OUT"/dev/{weak-hh,strong-hh,multi-aspect}.jsonl --existing "$OUT/corrected/corrector-o"
+  $PY bench/corrector_report.py "$OUT"/dev/{weak-hh,strong-hh,multi-aspect}.jsonl --existing "$OUT/corrected/$NAME"
 fi
 
 if has tasks; then
   for set in weak-hh strong-hh multi-aspect; do
-    d="$OUT/judging/corrector-o/$set"
+    d="$OUT/judging/$NAME/$set"
     mkdir -p "$d"
     # the same input and flags give the same export (and key) again, so replacing it loses nothing
-    metaalign judge "$OUT/corrected/corrector-o/$set.jsonl" --blind-tasks "$d/tasks.jsonl" --blind-key "$d/key.json" \
+    metaalign judge "$OUT/corrected/$NAME/$set.jsonl" --blind-tasks "$d/tasks.jsonl" --blind-key "$d/key.json" \
         --overwrite
     $PY bench/blind_judging.py split "$d/tasks.jsonl" -o "$d/parts" --parts 2 --store "$OUT/judging/store.jsonl"
   done
-  log "judge each part with a fresh helper (prompts in $OUT/judging/corrector-o/*/parts/prompts.txt), then:"
+  log "judge each part with a fresh helper (prompts in $OUT/judging/$NAME/*/parts/prompts.txt), then:"
   log "  python3 bench/blind_judging.py collect TASKS -o VERDICTS --store $OUT/judging/store.jsonl -v PARTS/*.verdicts.jsonl"
   log "  metaalign judge CORRECTED --blind-key KEY --blind-verdicts VERDICTS --summary SUMMARY"
 fi

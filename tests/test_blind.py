@@ -161,7 +161,7 @@ def test_verdict_files_that_do_not_match_are_refused(tmp_path):
     for args, msg in ((["--blind-tasks", "t.jsonl"], "--blind-tasks needs --blind-key"),
                       (["--blind-key", str(keyfile)], "--blind-key goes with --blind-tasks"),
                       (["--blind-key", str(keyfile), "--blind-verdicts", "v.jsonl", "--mode", "score"],
-                       "--mode blind tasks are pairwise"),
+                       "--mode must be pairwise for blind tasks and verdicts"),
                       (["--blind-key", str(keyfile), "--blind-verdicts", "v.jsonl", "--dry-run"],
                        "--dry-run previews judge calls, and blind tasks or verdicts call no judge")):
         r = cli("judge", str(inp), *args)
@@ -217,3 +217,27 @@ def test_team_glue_splits_collects_and_reuses_verdicts_across_positions(tmp_path
     r = subprocess.run([sys.executable, str(glue), "collect", str(sub / "tasks.jsonl"), "-o", str(merged2),
                         "--store", str(store)], capture_output=True, text=True)
     assert r.returncode == 1 and "has no verdict" in r.stderr
+
+
+def test_verdict_mistakes_are_named_by_their_cause(tmp_path):
+    """Seventh trial: `"Verdict": 1` and the tasks file given as verdicts read "verdict must
+    be 1, 2 or 0, not null"; a `#` comment line read "invalid JSON"; an import with other
+    objectives named two export hashes, not the objectives."""
+    inp, tasks, key, keyfile = export(tmp_path)
+    first = key["tasks"][0]["task"]
+    rest = "".join(json.dumps({"task": t["task"], "verdict": 1}) + "\n" for t in key["tasks"][1:])
+    for head, msg in ((json.dumps({"task": first, "Verdict": 1}) + "\n",
+                       "v.jsonl:1: field 'verdict': no 'verdict' field (there is \"Verdict\": the name is lower-case)"),
+                      ("# annotator: me\n", "v.jsonl:1: a comment line: a verdict file is JSONL"),
+                      (json.dumps(tasks[0]) + "\n", "v.jsonl:1: a task, not a verdict: is this the tasks file?")):
+        v = tmp_path / "v.jsonl"
+        v.write_text(head + rest)
+        r = cli("judge", str(inp), "--blind-key", str(keyfile), "--blind-verdicts", str(v), "-o",
+                str(tmp_path / "o.jsonl"), "--overwrite")
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and msg in err, (msg, err)
+    r = cli("judge", str(inp), "-O", "helpful", "--blind-key", str(keyfile), "--blind-verdicts", str(v))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "(its objectives are harmless; this run's are helpful)" in err, err
+    r = cli("judge", str(inp), "--both-orders", "--blind-key", str(keyfile), "--blind-verdicts", str(v))
+    assert r.returncode == 2 and "(--both-orders differs)" in r.stderr.decode(), r.stderr.decode()

@@ -477,7 +477,8 @@ def test_no_output_lands_on_the_input_or_on_another_output(tmp_path, scripted_ba
                       (["-o", str(out), "--summary", str(out)], f"--summary {out}: is also the --output file"),
                       (["--blind-tasks", str(out), "--blind-key", str(out)],
                        f"--blind-key {out}: is also the --blind-tasks file")):
-        r = cli("judge", "-b", "scripted", str(rec), "-O", "helpful", *args)
+        judge = [] if "--blind-tasks" in args else ["-b", "scripted"]  # (blind tasks call no judge)
+        r = cli("judge", *judge, str(rec), "-O", "helpful", *args)
         assert r.returncode == 2 and msg in r.stderr.decode(), (args, r.stderr.decode())
         assert rec.read_bytes() == kept and not out.exists()
     r = cli("correct", "-b", "scripted", "-O", "helpful", str(rec), "-o", str(out), "--resume", "--overwrite")
@@ -547,3 +548,82 @@ def test_numbers_of_the_input_come_back_as_the_same_json_values(tmp_path):
     assert line.startswith('{"id": 7, "query": "q", "response": "r", "score": 100.0, "z": 0, '
                            '"n": 123456789012345678901234567890, "f": 0.1, "nested": {"a": [1, 2.5, true, null]}, '
                            '"corrected": '), line
+
+
+def test_no_output_replaces_a_file_the_run_reads_or_an_earlier_summary(tmp_path, scripted_backend):
+    """Seventh new-user trial: `judge --summary V` with V the verdict file being imported
+    replaced the verdicts (exit 0); `-o` with `--overwrite` replaced an objective file or the
+    --config file; `--summary` replaced any existing file without `--overwrite`."""
+    rec = tmp_path / "in.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "r", "corrected": "c", "golden": "g", '
+                   '"objectives": ["helpful"]}\n')
+    tasks, key = tmp_path / "t.jsonl", tmp_path / "k.json"
+    assert cli("judge", str(rec), "--blind-tasks", str(tasks), "--blind-key", str(key)).returncode == 0
+    verdicts = tmp_path / "v.jsonl"
+    verdicts.write_text("".join(json.dumps({"task": json.loads(t)["task"], "verdict": 1}) + "\n"
+                                for t in tasks.read_text().splitlines()))
+    kept = verdicts.read_bytes()
+    imp = ["judge", str(rec), "--blind-key", str(key), "--blind-verdicts", str(verdicts)]
+    for args, msg in ((["--summary", str(verdicts)], f"--summary {verdicts}: is the --blind-verdicts file"),
+                      (["-o", str(verdicts), "--overwrite"], f"--output {verdicts}: is the --blind-verdicts file"),
+                      (["-o", str(key), "--overwrite"], f"--output {key}: is the --blind-key file")):
+        r = cli(*imp, *args)
+        assert r.returncode == 2 and msg in r.stderr.decode(), (args, r.stderr.decode())
+    assert verdicts.read_bytes() == kept
+    obj = tmp_path / "emp.yaml"
+    obj.write_text("name: empathy\ndescription: Be kind to the reader\n")
+    r = cli("correct", "-b", "scripted", "-O", "empathy", "--objective-file", str(obj), str(rec), "-o", str(obj),
+            "--overwrite")
+    assert r.returncode == 2 and f"--output {obj}: is the --objective-file file" in r.stderr.decode()
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"objectives: [helpful]\noutput: {conf}\n")
+    r = cli("correct", "-b", "scripted", str(rec), "-c", str(conf), "--overwrite")
+    assert r.returncode == 2 and f"key 'output': {conf}: is the --config file" in r.stderr.decode()
+    assert obj.read_text().startswith("name: empathy") and conf.read_text().startswith("objectives")
+    # An existing summary is an earlier run's output, as -o is: kept unless --overwrite.
+    summ = tmp_path / "s.json"
+    summ.write_text('{"mine": 1}\n')
+    r = cli(*imp, "-o", str(tmp_path / "j.jsonl"), "--summary", str(summ))
+    assert r.returncode == 2 and f"{summ}: holds an earlier run's output (--summary); use --resume to continue it, " \
+        "--overwrite to replace it" in r.stderr.decode()
+    assert summ.read_text() == '{"mine": 1}\n'
+    r = cli(*imp, "-o", str(tmp_path / "j.jsonl"), "--summary", str(summ), "--overwrite")
+    assert r.returncode == 0 and json.loads(summ.read_text())["mode"] == "pairwise"
+    # No judge model with blind tasks or verdicts: it would do nothing.
+    r = cli(*imp, "-m", "gpt-4o", "-b", "openai")
+    assert r.returncode == 2 and "--model chooses the judge model, and blind tasks and verdicts call none" \
+        in r.stderr.decode()
+
+
+def test_blind_export_of_kept_failures_exits_1_and_stdin_export_warns(tmp_path):
+    """The export left records that failed in `correct` out with exit 0, while the import of
+    the same file exits 1; an export read from a pipe could not be imported again, unsaid."""
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "query": "q", "response": "r", "corrected": "c", "golden": "g"}\n'
+                   '{"id": "b", "query": "q", "response": "r", "golden": "g", "error": "x", "metaalign": {}}\n')
+    r = cli("judge", str(inp), "-O", "helpful", "--blind-tasks", str(tmp_path / "t.jsonl"), "--blind-key",
+            str(tmp_path / "k.json"))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "error: 1 record(s) that failed in `correct` were not judged" in err, err
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 2  # the other record's two tasks
+    r = cli("judge", "-", "-O", "helpful", "--blind-tasks", str(tmp_path / "t2.jsonl"), "--blind-key",
+            str(tmp_path / "k2.json"), input=inp.read_bytes().splitlines(keepends=True)[0])
+    assert r.returncode == 0 and "warning: the import needs this same input again" in r.stderr.decode()
+
+
+def test_inputs_that_read_one_way_and_were_meant_another_are_named(tmp_path, scripted_backend):
+    """A record with both `messages` and `response` is corrected from `query`/`response`, now
+    said once; a CSV on stdin read as JSONL says so; a model name that is no path and no
+    installed corrector is said to be tried as a hub id (a misspelling waited ~50 s on retries)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"query": "q", "response": "r", "messages": [{"role": "user", "content": "x"}, '
+                   '{"role": "assistant", "content": "y"}]}\n{"query": "q", "response": "r"}\n')
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp))
+    assert r.returncode == 0 and f"warning: {inp}:1: 1 record(s) hold both 'messages' and 'response': the query " \
+        "and 'response' fields are corrected, not the messages" in r.stderr.decode()
+    r = cli("correct", "-O", "helpful", "--dry-run", input=b"query,response\nq,r\n")
+    assert r.returncode == 2 and "<stdin>:1: invalid JSON: Expecting value (column 1) (it looks like CSV: pass " \
+        "--input-format csv)" in r.stderr.decode()
+    r = cli("correct", "-O", "helpful", "--dry-run", "-m", "nosuchmodel", str(inp))
+    assert r.returncode == 0 and "warning: nosuchmodel: not a local path or an installed corrector: it is loaded " \
+        "as a hub id" in r.stderr.decode()

@@ -47,6 +47,9 @@ def _check_outputs(cfg: JudgeConfig) -> None:
         check_output(cfg.summary, "--summary")
     if cfg.plot:
         check_output(cfg.plot, "--plot", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
+    if not cfg.resume:  # (a resumed run's summary and plot are of the whole file: they are redone)
+        for path, flag in ((cfg.summary, "--summary"), (cfg.plot, "--plot")):
+            check_not_replacing(path, flag, cfg.overwrite)
 
 
 def judge_main(cfg: JudgeConfig, given: dict) -> None:
@@ -68,6 +71,7 @@ def judge_main(cfg: JudgeConfig, given: dict) -> None:
                 say(f"warning: {w}")
         if cfg.blind_tasks:
             _export_blind(cfg, plan)
+            _exit_for_failed_records(plan)
             raise typer.Exit(EXIT_OK)
         run = _import_blind(cfg, plan) if cfg.blind_verdicts else _judge(cfg, plan)
         if run.dry_run is not None:
@@ -81,10 +85,16 @@ def judge_main(cfg: JudgeConfig, given: dict) -> None:
         say(f"error: {summ['invalid']} of {summ['units']} judgment(s) invalid "
             f"({summ['invalid_rate']:.1%} > --max-invalid {cfg.max_invalid:.1%})")
         raise typer.Exit(EXIT_FAILED)
-    if plan.failed_records:  # (warned above) as `correct` exits on the same file
+    _exit_for_failed_records(plan)
+    raise typer.Exit(EXIT_OK)
+
+
+def _exit_for_failed_records(plan) -> None:
+    """Exit 1 when records that failed in `correct` were left out (warned when planned), as
+    `correct` exits on the same file; the rest is judged (or exported) and written first."""
+    if plan.failed_records:
         say(f"error: {plan.failed_records} record(s) that failed in `correct` were not judged")
         raise typer.Exit(EXIT_FAILED)
-    raise typer.Exit(EXIT_OK)
 
 
 def _judge(cfg: JudgeConfig, plan):
@@ -133,6 +143,9 @@ def _export_blind(cfg: JudgeConfig, plan) -> None:
         Path(cfg.blind_key).write_text(json.dumps(key, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as e:
         raise fail(f"cannot write the blind tasks: {e.strerror or e}")
+    if cfg.input == "-" and not cfg.quiet:
+        say("warning: the import needs this same input again (and these flags): standard input is gone after "
+            "this run, so save it to a file (e.g. `... | tee corrected.jsonl | metaalign judge - ...`)")
     if not cfg.quiet:
         say(f"wrote {len(tasks)} blind task(s) of export {key['export']} to {cfg.blind_tasks} and their key to "
             f"{cfg.blind_key} (keep the key from the judges)")

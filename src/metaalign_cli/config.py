@@ -197,6 +197,8 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
         check_values(cfg)
         if hasattr(cfg, "validate"):
             cfg.validate()
+        if path and hasattr(cfg, "files"):  # no output may replace the config file either
+            check_distinct_files(cfg, *cfg.files(), config=str(path))
     except Invalid as e:
         if not path or (e.key in (overrides or {}) and overrides[e.key] is not None):
             raise ConfigError(f"{flag_of(cls, e.key)} {e.message}") from None
@@ -374,19 +376,32 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
         self.max_new_tokens = mnt
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
-        check_distinct_files(self, ("input",), ("output",))
+        check_distinct_files(self, *self.files())
+
+    def files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the fields naming files this run reads, those naming files it writes)."""
+        return ("input", "objective_file"), ("output",)
 
 
-def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...]) -> None:
+def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...], config: str | None = None) -> None:
     """Raise :class:`Invalid` when a file a command writes (the fields ``writes`` of ``cfg``) is a
-    file it reads (``reads``), or another file it writes: a judge's ``--summary`` given the input's
-    name replaced the input, and ``--blind-tasks`` and ``--blind-key`` on one path left only the
-    key. ``-`` and unset fields are skipped; paths are compared resolved (symlinks followed)."""
-    def path(key: str) -> Path | None:
+    file it reads (the fields ``reads``, each a path or a list of paths, and the ``--config`` file
+    ``config``), or another file it writes: a judge's ``--summary`` given the input's name (or a
+    verdict file's) replaced it, ``-o`` with ``--overwrite`` replaced an objective file, and
+    ``--blind-tasks`` and ``--blind-key`` on one path left only the key. ``--overwrite`` replaces
+    an old output, never a file the run reads. ``-`` and unset fields are skipped; paths are
+    compared resolved (symlinks followed)."""
+    def paths(key: str) -> list[Path]:
         v = getattr(cfg, key)
-        return None if v in (None, "-") else Path(v).resolve()
+        return [Path(x).resolve() for x in (v if isinstance(v, (list, tuple)) else [v]) if x not in (None, "", "-")]
 
-    seen = {path(k): k for k in reads if path(k) is not None}
+    def name(key: str) -> str:
+        return "the input file" if key == "input" else "the --config file" if key == "config" else \
+            f"the {flag_of(type(cfg), key)} file"
+
+    seen: dict[Path, str] = {p: k for k in reads for p in paths(k)}
+    if config:
+        seen.setdefault(Path(config).resolve(), "config")
     stdin = None
     if any(getattr(cfg, k) == "-" for k in reads):
         try:  # `-o FILE < FILE`: standard input is the file to be written
@@ -394,16 +409,15 @@ def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...]) -
         except OSError:
             stdin = None
     for key in writes:
-        p = path(key)
-        if p is None:
-            continue
-        if stdin is not None and stdin.st_size and p.is_file() and os.path.samestat(stdin, p.stat()):
-            raise Invalid(key, f"{getattr(cfg, key)}: is the file standard input reads; give each output its own file")
-        if p in seen:
-            other = seen[p]
-            what = "the input file" if other in reads else f"also the {flag_of(type(cfg), other)} file"
-            raise Invalid(key, f"{getattr(cfg, key)}: is {what}; give each output its own file")
-        seen[p] = key
+        for p in paths(key):
+            if stdin is not None and stdin.st_size and p.is_file() and os.path.samestat(stdin, p.stat()):
+                raise Invalid(key, f"{getattr(cfg, key)}: is the file standard input reads; give each output its own file")
+            if p in seen:
+                other = seen[p]
+                what = name(other) if other in reads or other == "config" else f"also {name(other)}"
+                raise Invalid(key, f"{p if isinstance(getattr(cfg, key), list) else getattr(cfg, key)}: is {what}; "
+                                   "give each output its own file")
+            seen[p] = key
 
 
 PAIRWISE, SCORE = "pairwise", "score"
@@ -502,12 +516,25 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
         if self.blind_key and not (self.blind_tasks or self.blind_verdicts):
             bad("blind_key", "goes with --blind-tasks (export) or --blind-verdicts (import)")
         if (self.blind_tasks or self.blind_verdicts) and self.mode != PAIRWISE:
-            bad("mode", "blind tasks are pairwise (candidate vs golden)")
+            bad("mode", "must be pairwise for blind tasks and verdicts (a candidate against the golden)")
+        if self.blind_tasks or self.blind_verdicts:
+            knobs = ["model", "backend", "base_url"] + [f.name for f in dataclasses.fields(ModelKnobs)
+                                                        if f.metadata.get("backends") and f.default is None]
+            used = next((k for k in knobs if getattr(self, k, None) is not None), None)
+            if used:
+                bad(used, "chooses the judge model, and blind tasks and verdicts call none: leave it out")
         if self.dry_run and (self.blind_tasks or self.blind_verdicts):
             bad("dry_run", "previews judge calls, and blind tasks or verdicts call no judge: leave it out")
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
-        check_distinct_files(self, ("input",), ("output", "summary", "plot", "blind_tasks", "blind_key"))
+        check_distinct_files(self, *self.files())
+
+    def files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the fields naming files this run reads, those naming files it writes): the key is
+        written by an export and read by an import."""
+        if self.blind_verdicts:
+            return ("input", "objective_file", "blind_verdicts", "blind_key"), ("output", "summary", "plot")
+        return ("input", "objective_file"), ("output", "summary", "plot", "blind_tasks", "blind_key")
 
 
 @dataclass

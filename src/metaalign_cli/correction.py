@@ -581,7 +581,7 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     """
     from metaalign_cli.models import resolve_config
     from metaalign_cli.objectives import load_objectives
-    from metaalign_cli.records import done_records, id_warning, read_records
+    from metaalign_cli.records import done_records, id_warning, messages_warning, read_records
     from metaalign_cli.templates import load_template
 
     warn = warn or (lambda m: None)
@@ -596,14 +596,17 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     bad = first_input_error(items) if opts.on_error == "fail" else None
     if bad is not None:
         raise RecordFailed(bad, True)
-    dup = id_warning(it.rec for it in items if it.error is None)
-    if dup:
-        warn(dup)
+    good = [it.rec for it in items if it.error is None]
+    for w in (id_warning(good), messages_warning(good, cfg.query_field, cfg.response_field)):
+        if w:
+            warn(w)
     if not items and not resumed:
         warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
     generates = bool(items) or cfg.resume  # else nothing to generate: no model loads
     if resolved is not None and on_model and (generates or cfg.dry_run):
         on_model(resolved.label)
+    if resolved is not None and resolved.hub_note and (generates or cfg.dry_run):
+        warn(resolved.hub_note)
     label = resolved.label if resolved is not None else backend.model_id
     if cfg.dry_run:
         return write_prompts(items, opts, cfg.output, label, warn)

@@ -58,6 +58,16 @@ class ResolvedModel:
     label: str = ""
 
     @property
+    def hub_note(self) -> str | None:
+        """A note when the model is a name that is neither a local path nor an installed
+        corrector, which transformers then fetches as a hub id (a misspelt name would wait on
+        the hub's retries): None otherwise."""
+        if self.kind != "model" or self.backend != "transformers" or not self.model or Path(self.model).exists():
+            return None
+        return (f"{self.model}: not a local path or an installed corrector: it is loaded as a hub id "
+                "(needs the hub or its cache; check the name if that is not meant)")
+
+    @property
     def template(self) -> str | None:
         """The template the corrector was trained with (None: not a trained corrector)."""
         return self.card.get("template")

@@ -189,6 +189,24 @@ def id_warning(records: Iterable[SourceRecord], field: str = "id") -> str | None
     return None
 
 
+def messages_warning(records: Iterable[SourceRecord], query_field: str | None = None,
+                     response_field: str | None = None) -> str | None:
+    """One line when records hold both a ``messages`` list and a response field, which
+    :func:`extract_query_response` reads (the ``messages`` are left as they are): the count and
+    the first record. None when no record does, or when the fields are named by flags."""
+    if query_field or response_field:
+        return None
+    both = [r for r in records if isinstance(r.data, dict) and "messages" in r.data
+            and any(f in r.data for f in RESPONSE_FIELDS)]
+    if not both:
+        return None
+    r = both[0]
+    rf = next(f for f in RESPONSE_FIELDS if f in r.data)
+    return (f"{r.source}:{r.line}: {len(both)} record(s) hold both 'messages' and '{rf}': the query and "
+            f"'{rf}' fields are corrected, not the messages (drop one, or name them with --query-field/"
+            "--response-field)")
+
+
 def source_name(path: str | os.PathLike | None) -> str:
     return "<stdin>" if path in (None, "-") else str(path)
 
@@ -308,8 +326,10 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                     "duplicate key in a JSON object (which value is meant?)", source=src, line=lineno, field=e.key))
                 continue
             except json.JSONDecodeError as e:
+                looks_csv = lineno == 1 and not text.lstrip().startswith(("{", "[")) and ("," in text or "\t" in text)
+                hint = " (it looks like CSV: pass --input-format csv)" if looks_csv else ""
                 yield SourceRecord(src, lineno, None, InputError(
-                    f"invalid JSON: {e.msg} (column {e.colno})", source=src, line=lineno))
+                    f"invalid JSON: {e.msg} (column {e.colno}){hint}", source=src, line=lineno))
                 continue
             except ValueError as e:
                 yield SourceRecord(src, lineno, None, InputError(f"invalid JSON: {e}", source=src, line=lineno))

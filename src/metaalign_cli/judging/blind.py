@@ -101,10 +101,30 @@ def read_key(path: str | os.PathLike, units: list[JudgeUnit], seed: int | None =
         raise InputError("not a blind-task key written by `metaalign judge --blind-key`", source=str(p))
     if key.get("export") != export_id(units):
         why = f" (it was exported with --seed {key['seed']}, this run has --seed {seed})" \
-            if seed is not None and key.get("seed") != seed else ""
+            if seed is not None and key.get("seed") != seed else _difference(key["tasks"], units)
         raise InputError(f"the key is of export {key.get('export')!r}, not of this input and flags "
                          f"({export_id(units)!r}){why}: use the input and flags of the export", source=str(p))
     return key
+
+
+def _difference(tasks: list, units: list[JudgeUnit]) -> str:
+    """What differs between a key's tasks and this run's plan, as " (...)" for the refusal:
+    the objectives, the candidates, the records, or both orders; "" when only texts differ."""
+    def names(field: str) -> set:
+        return {json.dumps(t.get(field)) if field == "record_id" else t.get(field) for t in tasks if isinstance(t, dict)}
+
+    now = {"objective": {u.objective.name for u in units}, "candidate": {u.candidate for u in units},
+           "record_id": {json.dumps(u.item.record_id) for u in units}}
+    for field, flag in (("objective", "objectives"), ("candidate", "candidates")):
+        if names(field) != now[field]:
+            return (f" (its {flag} are {', '.join(sorted(map(str, names(field))))}; this run's are "
+                    f"{', '.join(sorted(now[field]))})")
+    if names("record_id") != now["record_id"]:
+        return f" (it holds {len(names('record_id'))} records, this input {len(now['record_id'])} or other ids)"
+    per_unit = len(tasks) / max(1, len(units))
+    if per_unit != (2 if units and len(units[0].asks) == 2 else 1):
+        return " (--both-orders differs)"
+    return " (the texts of the input differ)"
 
 
 def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
@@ -125,9 +145,19 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
         for rec in read_jsonl(path):
             at = f"{rec.source}:{rec.line}"
             if rec.error is not None:
+                if _raw_line(path, rec.line).lstrip().startswith("#"):
+                    raise InputError("a comment line: a verdict file is JSONL, one {\"task\", \"verdict\"} object "
+                                     "per line (put a comment in a field of its line)", rec.source, rec.line)
                 raise rec.error
             d = rec.data
             tid, v = d.get("task"), d.get("verdict")
+            if "response_1" in d and "verdict" not in d:
+                raise InputError("a task, not a verdict: is this the tasks file? (--blind-verdicts reads "
+                                 "{\"task\", \"verdict\"} lines)", rec.source, rec.line)
+            if "verdict" not in d:
+                like = next((k for k in d if isinstance(k, str) and k.strip().lower() == "verdict"), None)
+                hint = f" (there is {json.dumps(like)}: the name is lower-case)" if like else ""
+                raise InputError(f"no 'verdict' field{hint}", rec.source, rec.line, "verdict")
             if not isinstance(tid, str):
                 raise InputError("expected a task id (string)", rec.source, rec.line, "task")
             if tid not in tasks:
@@ -145,6 +175,18 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
         raise InputError(f"{len(missing)} of {len(tasks)} task(s) have no verdict (first: {missing[0]})",
                          source=", ".join(map(str, paths)))
     return out
+
+
+def _raw_line(path, line: int) -> str:
+    """Line ``line`` (1-based) of a small text file, for a message; "" when unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, text in enumerate(fh, start=1):
+                if n == line:
+                    return text
+    except OSError:
+        pass
+    return ""
 
 
 def blind_rows(units: list[JudgeUnit], key: dict, verdicts: dict[str, int], judge: dict,
