@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The shipped corrector (corrector-o, docs/corrector.md) from nothing but ../shared/data, in one
-# command, run from the repository root:
+# The shipped corrector (corrector-p, RECIPE=p) and the one before it (corrector-o, the default
+# RECIPE; docs/corrector.md) from nothing but ../shared/data, in one command, run from the
+# repository root:
 #
 #   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
 #   STEPS="data train" bash configs/corrector-o.sh   # only some steps (dev data train correct tasks)
 #   SMOKE=1 OUT=/tmp/o bash configs/corrector-o.sh   # the same commands on 3 rows each, 2 training steps
-#   RECIPE=p bash configs/corrector-o.sh   # corrector-p (configs/corrector-p.yaml): o with no refusal fix targets
+#   RECIPE=p bash configs/corrector-o.sh   # corrector-p, shipped (configs/corrector-p.yaml): o with no refusal fix targets
 #
 # Every step writes under $OUT (default out/, git-ignored) and resumes: a weak-answer file that
 # is complete is not redone (bench/weak_policy.py --resume), nor a correction (`correct` resumes).
@@ -13,8 +14,8 @@
 #   dev      development sets: weak-hh (weak policy, 50 of rows 0-599 of Claude-3.csv), strong-hh,
 #            multi-aspect (bench/dev_sets.py)
 #   data     training pools, the weak policy's answers to them, and the mix (configs/corrector_data.py)
-#   train    metaalign train -c configs/corrector-o.yaml (it writes the f16 GGUF LoRA), installed as
-#            corrector-o in $OUT/home (metaalign export --install)
+#   train    metaalign train -c configs/corrector-$RECIPE.yaml (it writes the f16 GGUF LoRA), installed
+#            as corrector-$RECIPE in $OUT/home (metaalign export --install)
 #   correct  the three development sets corrected by the run with the shipped card's penalty (1.25)
 #   tasks    blind tasks of each corrected set (judge --blind-tasks/--blind-key), split for fresh
 #            helper judges (bench/blind_judging.py; judging itself is by people or helpers)
