@@ -622,8 +622,82 @@ def test_inputs_that_read_one_way_and_were_meant_another_are_named(tmp_path, scr
     assert r.returncode == 0 and f"warning: {inp}:1: 1 record(s) hold both 'messages' and 'response': the query " \
         "and 'response' fields are corrected, not the messages" in r.stderr.decode()
     r = cli("correct", "-O", "helpful", "--dry-run", input=b"query,response\nq,r\n")
-    assert r.returncode == 2 and "<stdin>:1: invalid JSON: Expecting value (column 1) (it looks like CSV: pass " \
-        "--input-format csv)" in r.stderr.decode()
+    assert r.returncode == 2 and "<stdin>:1: invalid JSON: Expecting value (column 1) (it looks like CSV: JSONL is read " \
+        "here; an input file in CSV takes --input-format csv)" in r.stderr.decode()
     r = cli("correct", "-O", "helpful", "--dry-run", "-m", "nosuchmodel", str(inp))
     assert r.returncode == 0 and "warning: nosuchmodel: not a local path or an installed corrector: it is loaded " \
         "as a hub id" in r.stderr.decode()
+
+
+def test_hard_links_templates_objective_dirs_and_blind_resume_cannot_replace_what_is_read(tmp_path, scripted_backend):
+    """Eighth new-user trial: a hard link to the input (or the key, or the verdicts) passed the
+    "no output on a file the run reads" check, as did a template YAML, a file in --objectives-dir
+    or $METAALIGN_HOME/objectives (a broken objective there stopped every later command), and
+    `judge --resume` on a blind import replaced an earlier import of another input."""
+    import os
+
+    rec = tmp_path / "in.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "r", "corrected": "c", "golden": "g", '
+                   '"objectives": ["helpful"]}\n')
+    kept = rec.read_bytes()
+    os.link(rec, tmp_path / "hard.jsonl")
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--dry-run", str(rec), "-o", str(tmp_path / "hard.jsonl"),
+            "--overwrite")
+    assert r.returncode == 2 and "hard.jsonl: is the input file" in r.stderr.decode(), r.stderr.decode()
+    tpl = tmp_path / "mytpl.yaml"
+    from metaalign_cli.templates import builtin_templates_dir
+
+    tpl.write_text((builtin_templates_dir() / "hh-rlhf.yaml").read_text())
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-t", str(tpl), str(rec), "-o", str(tpl), "--overwrite")
+    assert r.returncode == 2 and f"--output {tpl}: is the --template file" in r.stderr.decode(), r.stderr.decode()
+    objd = tmp_path / "objd"
+    objd.mkdir()
+    (objd / "emp.yaml").write_text("name: empathy\ndescription: Be kind to the reader\n")
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--objectives-dir", str(objd), str(rec), "-o",
+            str(objd / "emp.yaml"), "--overwrite")
+    assert r.returncode == 2 and "is in --objectives-dir, where objectives are read from" in r.stderr.decode()
+    home = tmp_path / "home"
+    (home / "objectives").mkdir(parents=True)
+    r = cli("correct", "-b", "scripted", "-O", "helpful", str(rec), "-o", str(home / "objectives" / "x.yaml"),
+            env={"METAALIGN_HOME": str(home)})
+    assert r.returncode == 2 and "is in $METAALIGN_HOME/objectives" in r.stderr.decode(), r.stderr.decode()
+    assert rec.read_bytes() == kept and (objd / "emp.yaml").read_text().startswith("name: empathy")
+    # The blind round trip: an import is never resumed, an export takes no -o/--summary, and the
+    # key is checked for edits and hard links.
+    tasks, key = tmp_path / "t.jsonl", tmp_path / "k.json"
+    assert cli("judge", str(rec), "--blind-tasks", str(tasks), "--blind-key", str(key)).returncode == 0
+    r = cli("judge", str(rec), "--blind-tasks", str(tmp_path / "t2.jsonl"), "--blind-key", str(tmp_path / "k2.json"),
+            "--summary", str(tmp_path / "s.json"))
+    assert r.returncode == 2 and "--summary goes with judging or an import" in r.stderr.decode()
+    v = tmp_path / "v.jsonl"
+    v.write_text("".join(json.dumps({"task": json.loads(t)["task"], "verdict": 1}) + "\n"
+                         for t in tasks.read_text().splitlines()))
+    imp = ["judge", str(rec), "--blind-key", str(key), "--blind-verdicts", str(v)]
+    r = cli(*imp, "-o", str(tmp_path / "j.jsonl"), "--resume")
+    assert r.returncode == 2 and "--resume continues an LLM judge's calls; a blind import writes every row" \
+        in r.stderr.decode()
+    os.link(key, tmp_path / "keyhard.json")
+    r = cli(*imp, "-o", str(tmp_path / "keyhard.json"), "--overwrite")
+    assert r.returncode == 2 and "keyhard.json: is the --blind-key file" in r.stderr.decode()
+    k = json.loads(key.read_text())
+    k["tasks"][0]["candidate_position"] = 3 - k["tasks"][0]["candidate_position"]
+    (tmp_path / "kedit.json").write_text(json.dumps(k))
+    r = cli("judge", str(rec), "--blind-key", str(tmp_path / "kedit.json"), "--blind-verdicts", str(v))
+    assert r.returncode == 2 and "the key's tasks were edited since the export" in r.stderr.decode()
+
+
+def test_blind_import_warns_when_one_pair_got_two_verdicts(tmp_path):
+    """An unchanged correction shows its uncorrected answer's pair again; two annotators gave
+    the twins different verdicts and an unchanged record moved the advantage, unsaid."""
+    rec = tmp_path / "in.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "same", "corrected": "same", "golden": "g", '
+                   '"objectives": ["helpful"]}\n')
+    tasks, key = tmp_path / "t.jsonl", tmp_path / "k.json"
+    assert cli("judge", str(rec), "--blind-tasks", str(tasks), "--blind-key", str(key)).returncode == 0
+    k = json.loads(key.read_text())
+    v = tmp_path / "v.jsonl"  # the response wins, its twin (the correction) loses
+    v.write_text("".join(json.dumps({"task": t["task"], "verdict": t["candidate_position"] if t["candidate"] ==
+                                     "response" else 3 - t["candidate_position"]}) + "\n" for t in k["tasks"]))
+    r = cli("judge", str(rec), "--blind-key", str(key), "--blind-verdicts", str(v), "-o", str(tmp_path / "j.jsonl"))
+    assert r.returncode == 0 and "warning: 1 pair(s) shown more than once (a candidate equal to another) got " \
+        "different verdicts (first: record 'a', objective 'helpful')" in r.stderr.decode(), r.stderr.decode()

@@ -74,6 +74,9 @@ def judge_main(cfg: JudgeConfig, given: dict) -> None:
             _exit_for_failed_records(plan)
             raise typer.Exit(EXIT_OK)
         run = _import_blind(cfg, plan) if cfg.blind_verdicts else _judge(cfg, plan)
+        if not cfg.quiet:
+            for w in run.warnings:
+                say(f"warning: {w}")
         if run.dry_run is not None:
             _print_dry_run(run.dry_run)
             raise typer.Exit(EXIT_OK)

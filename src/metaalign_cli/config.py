@@ -198,7 +198,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
         if hasattr(cfg, "validate"):
             cfg.validate()
         if path and hasattr(cfg, "files"):  # no output may replace the config file either
-            check_distinct_files(cfg, *cfg.files(), config=str(path))
+            check_distinct_files(cfg, *cfg.files(), config=str(path), read_dirs=("objectives_dir",))
     except Invalid as e:
         if not path or (e.key in (overrides or {}) and overrides[e.key] is not None):
             raise ConfigError(f"{flag_of(cls, e.key)} {e.message}") from None
@@ -376,32 +376,54 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
         self.max_new_tokens = mnt
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
-        check_distinct_files(self, *self.files())
+        check_distinct_files(self, *self.files(), read_dirs=("objectives_dir",))
 
     def files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(the fields naming files this run reads, those naming files it writes)."""
-        return ("input", "objective_file"), ("output",)
+        return ("input", "objective_file", "template"), ("output",)
 
 
-def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...], config: str | None = None) -> None:
+def _identity(p: Path) -> tuple:
+    """What makes two paths one file: (device, inode) for an existing file, so a hard link or a
+    symlink is the file it names; the resolved path for one that does not exist yet."""
+    try:
+        st = p.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(p.resolve()))
+
+
+def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...], config: str | None = None,
+                         read_dirs: tuple[str, ...] = ()) -> None:
     """Raise :class:`Invalid` when a file a command writes (the fields ``writes`` of ``cfg``) is a
     file it reads (the fields ``reads``, each a path or a list of paths, and the ``--config`` file
-    ``config``), or another file it writes: a judge's ``--summary`` given the input's name (or a
-    verdict file's) replaced it, ``-o`` with ``--overwrite`` replaced an objective file, and
-    ``--blind-tasks`` and ``--blind-key`` on one path left only the key. ``--overwrite`` replaces
-    an old output, never a file the run reads. ``-`` and unset fields are skipped; paths are
-    compared resolved (symlinks followed)."""
+    ``config``), lies in a directory it reads objectives from (``read_dirs`` fields, and
+    ``$METAALIGN_HOME/objectives``), or is another file it writes: a judge's ``--summary`` given
+    the input's name (or a verdict file's) replaced it, ``-o`` with ``--overwrite`` replaced an
+    objective, template or config file (a broken objective YAML then stopped every command), and
+    ``--blind-tasks`` and ``--blind-key`` on one path left only the key. ``--overwrite``
+    replaces an old output, never a file the run reads. Files are compared by device and inode
+    (hard links and symlinks are the file they name). ``-`` and unset fields are skipped; a
+    template given by name (not a path) is not a file."""
+    from metaalign_cli.objectives import user_objectives_dir
+
     def paths(key: str) -> list[Path]:
         v = getattr(cfg, key)
-        return [Path(x).resolve() for x in (v if isinstance(v, (list, tuple)) else [v]) if x not in (None, "", "-")]
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        out = [Path(x) for x in vals if isinstance(x, str) and x not in ("", "-")]
+        if key == "template":  # a built-in template's name is no file
+            out = [q for q in out if q.suffix in (".yaml", ".yml") or q.exists()]
+        return out
 
     def name(key: str) -> str:
         return "the input file" if key == "input" else "the --config file" if key == "config" else \
             f"the {flag_of(type(cfg), key)} file"
 
-    seen: dict[Path, str] = {p: k for k in reads for p in paths(k)}
+    seen: dict[tuple, str] = {_identity(p): k for k in reads for p in paths(k)}
     if config:
-        seen.setdefault(Path(config).resolve(), "config")
+        seen.setdefault(_identity(Path(config)), "config")
+    dirs = [(Path(d).resolve(), flag_of(type(cfg), k)) for k in read_dirs for d in (getattr(cfg, k) or [])]
+    dirs.append((user_objectives_dir().resolve(), "$METAALIGN_HOME/objectives"))
     stdin = None
     if any(getattr(cfg, k) == "-" for k in reads):
         try:  # `-o FILE < FILE`: standard input is the file to be written
@@ -410,14 +432,19 @@ def check_distinct_files(cfg, reads: tuple[str, ...], writes: tuple[str, ...], c
             stdin = None
     for key in writes:
         for p in paths(key):
+            shown = p if isinstance(getattr(cfg, key), list) else getattr(cfg, key)
             if stdin is not None and stdin.st_size and p.is_file() and os.path.samestat(stdin, p.stat()):
-                raise Invalid(key, f"{getattr(cfg, key)}: is the file standard input reads; give each output its own file")
-            if p in seen:
-                other = seen[p]
+                raise Invalid(key, f"{shown}: is the file standard input reads; give each output its own file")
+            ident = _identity(p)
+            if ident in seen:
+                other = seen[ident]
                 what = name(other) if other in reads or other == "config" else f"also {name(other)}"
-                raise Invalid(key, f"{p if isinstance(getattr(cfg, key), list) else getattr(cfg, key)}: is {what}; "
-                                   "give each output its own file")
-            seen[p] = key
+                raise Invalid(key, f"{shown}: is {what}; give each output its own file")
+            for d, flag in dirs:
+                if d in p.resolve().parents and p.suffix in (".yaml", ".yml"):
+                    raise Invalid(key, f"{shown}: is in {flag}, where objectives are read from; "
+                                       "give each output its own file")
+            seen[ident] = key
 
 
 PAIRWISE, SCORE = "pairwise", "score"
@@ -517,6 +544,12 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
             bad("blind_key", "goes with --blind-tasks (export) or --blind-verdicts (import)")
         if (self.blind_tasks or self.blind_verdicts) and self.mode != PAIRWISE:
             bad("mode", "must be pairwise for blind tasks and verdicts (a candidate against the golden)")
+        if (self.blind_tasks or self.blind_verdicts) and self.resume:
+            bad("resume", "continues an LLM judge's calls; a blind import writes every row from the verdicts "
+                          "(use --overwrite to replace an earlier import)")
+        if self.blind_tasks and (self.output != "-" or self.summary or self.plot):
+            bad("output" if self.output != "-" else "summary" if self.summary else "plot",
+                "goes with judging or an import: an export writes only --blind-tasks and --blind-key")
         if self.blind_tasks or self.blind_verdicts:
             knobs = ["model", "backend", "base_url"] + [f.name for f in dataclasses.fields(ModelKnobs)
                                                         if f.metadata.get("backends") and f.default is None]
@@ -527,14 +560,16 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
             bad("dry_run", "previews judge calls, and blind tasks or verdicts call no judge: leave it out")
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
-        check_distinct_files(self, *self.files())
+        check_distinct_files(self, *self.files(), read_dirs=("objectives_dir",))
 
     def files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(the fields naming files this run reads, those naming files it writes): the key is
         written by an export and read by an import."""
         if self.blind_verdicts:
-            return ("input", "objective_file", "blind_verdicts", "blind_key"), ("output", "summary", "plot")
-        return ("input", "objective_file"), ("output", "summary", "plot", "blind_tasks", "blind_key")
+            return ("input", "objective_file", "template", "blind_verdicts", "blind_key"), ("output", "summary",
+                                                                                          "plot", "cache")
+        return ("input", "objective_file", "template"), ("output", "summary", "plot", "blind_tasks", "blind_key",
+                                                         "cache")
 
 
 @dataclass

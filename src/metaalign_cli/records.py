@@ -327,7 +327,8 @@ def read_jsonl(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                 continue
             except json.JSONDecodeError as e:
                 looks_csv = lineno == 1 and not text.lstrip().startswith(("{", "[")) and ("," in text or "\t" in text)
-                hint = " (it looks like CSV: pass --input-format csv)" if looks_csv else ""
+                hint = " (it looks like CSV: JSONL is read here; an input file in CSV takes --input-format csv)" \
+                    if looks_csv else ""
                 yield SourceRecord(src, lineno, None, InputError(
                     f"invalid JSON: {e.msg} (column {e.colno}){hint}", source=src, line=lineno))
                 continue

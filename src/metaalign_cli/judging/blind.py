@@ -72,7 +72,13 @@ def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dic
         key.append({"task": tid, "record_id": u.item.record_id, "input_line": u.item.line,
                     "objective": u.objective.name, "candidate": u.candidate, "order": a.order,
                     "candidate_position": a.candidate_position})
-    return tasks, {"format": KEY_FORMAT, "export": eid, "seed": seed, "version": __version__, "tasks": key}
+    return tasks, {"format": KEY_FORMAT, "export": eid, "seed": seed, "version": __version__,
+                   "tasks_sha": _tasks_sha(key), "tasks": key}
+
+
+def _tasks_sha(tasks: list) -> str:
+    """Digest of a key's task mapping: an edited key (a flipped position) is refused."""
+    return hashlib.sha256(json.dumps(tasks, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def key_seed(path: str | os.PathLike, default: int) -> int:
@@ -99,6 +105,9 @@ def read_key(path: str | os.PathLike, units: list[JudgeUnit], seed: int | None =
         raise InputError(f"not a blind-task key (invalid JSON: {e})", source=str(p)) from None
     if not isinstance(key, dict) or key.get("format") != KEY_FORMAT or not isinstance(key.get("tasks"), list):
         raise InputError("not a blind-task key written by `metaalign judge --blind-key`", source=str(p))
+    if "tasks_sha" in key and key["tasks_sha"] != _tasks_sha(key["tasks"]):
+        raise InputError("the key's tasks were edited since the export (its digest does not match): use the key "
+                         "as `judge --blind-key` wrote it", source=str(p))
     if key.get("export") != export_id(units):
         why = f" (it was exported with --seed {key['seed']}, this run has --seed {seed})" \
             if seed is not None and key.get("seed") != seed else _difference(key["tasks"], units)
@@ -121,10 +130,14 @@ def _difference(tasks: list, units: list[JudgeUnit]) -> str:
                     f"{', '.join(sorted(now[field]))})")
     if names("record_id") != now["record_id"]:
         return f" (it holds {len(names('record_id'))} records, this input {len(now['record_id'])} or other ids)"
+    lines = {json.dumps(t.get("record_id")): t.get("input_line") for t in tasks if isinstance(t, dict)}
+    if any(lines.get(json.dumps(u.item.record_id)) != u.item.line for u in units):
+        return " (its records are in another order, or on other lines: use the exported input as it was)"
     per_unit = len(tasks) / max(1, len(units))
     if per_unit != (2 if units and len(units[0].asks) == 2 else 1):
         return " (--both-orders differs)"
-    return " (the texts of the input differ)"
+    return (" (the same records, objectives and candidates: the order of the objectives, as -O gives them, or "
+            "the texts differ)")
 
 
 def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:

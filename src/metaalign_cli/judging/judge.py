@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class JudgeRun:
     summary: dict
     report: JudgeReport | None = None
     dry_run: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def exit_code(self, max_invalid: float) -> int:
         """1 when the share of invalid judgments is above ``max_invalid``, else 0."""
@@ -248,4 +251,16 @@ def run_blind_import(cfg: "JudgeConfig", plan: JudgePlan | None = None) -> Judge
     with JsonlWriter(cfg.output) as w:
         for r in rows:
             w.write(r)
-    return JudgeRun(rows, run_summary(rows, plan, judge, None))
+    run = JudgeRun(rows, run_summary(rows, plan, judge, None))
+    # An unchanged correction shows the same pair as its uncorrected answer: two verdicts on one pair.
+    same: dict[tuple, list] = {}
+    for u, r in zip(plan.units, rows):
+        same.setdefault((json.dumps(u.item.record_id), u.objective.name, u.item.candidates[u.candidate]),
+                        []).append(r)
+    split = [g for g in same.values() if len({r["outcome"] for r in g}) > 1]
+    if split:
+        r = split[0][0]
+        run.warnings.append(f"{len(split)} pair(s) shown more than once (a candidate equal to another) got different "
+                            f"verdicts (first: record {r['record_id']!r}, objective '{r['objective']}'): the change "
+                            "between those candidates is the judges' disagreement, not the text's")
+    return run
