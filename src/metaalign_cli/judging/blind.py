@@ -77,8 +77,11 @@ def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dic
 
 
 def _tasks_sha(tasks: list) -> str:
-    """Digest of a key's task mapping: an edited key (a flipped position) is refused."""
-    return hashlib.sha256(json.dumps(tasks, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    """Digest of a key's task mapping (:func:`~metaalign_cli.records.text_sha`): an edited key
+    (a flipped position) is refused."""
+    from metaalign_cli.records import text_sha
+
+    return text_sha(json.dumps(tasks, sort_keys=True, ensure_ascii=False))
 
 
 def key_seed(path: str | os.PathLike, default: int) -> int:
@@ -118,7 +121,8 @@ def read_key(path: str | os.PathLike, units: list[JudgeUnit], seed: int | None =
 
 def _difference(tasks: list, units: list[JudgeUnit]) -> str:
     """What differs between a key's tasks and this run's plan, as " (...)" for the refusal:
-    the objectives, the candidates, the records, or both orders; "" when only texts differ."""
+    the objectives, the candidates, the records or their lines, or both orders; else that the
+    objectives' order or the texts differ."""
     def names(field: str) -> set:
         return {json.dumps(t.get(field)) if field == "record_id" else t.get(field) for t in tasks if isinstance(t, dict)}
 
