@@ -701,3 +701,13 @@ def test_blind_import_warns_when_one_pair_got_two_verdicts(tmp_path):
     r = cli("judge", str(rec), "--blind-key", str(key), "--blind-verdicts", str(v), "-o", str(tmp_path / "j.jsonl"))
     assert r.returncode == 0 and "warning: 1 pair(s) shown more than once (a candidate equal to another) got " \
         "different verdicts (first: record 'a', objective 'helpful')" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_judge_dry_run_makes_no_cache_file(tmp_path, scripted_backend):
+    """README: a dry run spends nothing; `judge --dry-run --cache X` created a 12 KB database at X."""
+    rec = tmp_path / "in.jsonl"
+    rec.write_text('{"id": "a", "query": "q", "response": "r", "corrected": "c", "golden": "g"}\n')
+    cache = tmp_path / "c.sqlite"
+    r = cli("judge", "-b", "scripted", str(rec), "-O", "helpful", "--dry-run", "--cache", str(cache))
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout.decode().splitlines()[0])["cached"] == 0 and not cache.exists()

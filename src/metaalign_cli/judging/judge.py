@@ -168,7 +168,9 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     try:
         info = judge_info(be, plan.options)
         kept, failed = kept_rows(earlier, info, cfg.output)
-        store = None if cfg.no_cache else JudgeCache(cfg.cache or default_cache_path())
+        cache = Path(cfg.cache or default_cache_path())
+        # a dry run spends nothing and writes nothing: no cache file is made for it
+        store = None if cfg.no_cache or (cfg.dry_run and not cache.exists()) else JudgeCache(cache)
         if cfg.dry_run:
             out = dry_run(plan.units, be, store, plan.options, set(kept))
             if store is not None:
