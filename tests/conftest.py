@@ -83,18 +83,26 @@ def run_cli(*args: str, input: str | bytes | None = None, env: dict | None = Non
         os.chdir(old)
 
 
+def signal_when_lines(args: list[str], out: Path, lines: int, sig: int, timeout: float = 120,
+                      env: dict | None = None) -> tuple[int, str]:
+    """Start ``python -m metaalign_cli ARGS``, send it ``sig`` once ``out`` holds ``lines`` lines
+    (or after ``timeout`` s), and return its exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < lines):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1].decode()
+    return proc.returncode, err
+
+
 def kill_when_lines(args: list[str], out: Path, lines: int, timeout: float = 120, env: dict | None = None) -> int:
     """Start ``python -m metaalign_cli ARGS``, SIGKILL it once ``out`` holds ``lines`` lines
     (or after ``timeout`` s), and return how many lines ``out`` then holds."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < lines):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_when_lines(args, out, lines, signal.SIGKILL, timeout, env)
     return out.read_text().count("\n") if out.exists() else 0
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import CASES, REPO, kill_when_lines, run_cli
+from conftest import CASES, REPO, kill_when_lines, run_cli, signal_when_lines
 
 EX = REPO / "examples" / "hh-rlhf.jsonl"
 
@@ -539,14 +539,8 @@ def test_ctrl_c_says_how_to_continue_and_resume_finishes_the_file(tmp_path):
     inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     args = ["correct", str(inp), "--objectives", "helpful", "--max-new-tokens", "16", "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *args, "-o", str(part)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not part.exists() or part.read_text().count("\n") < 1):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1].decode()
-    assert proc.returncode == 130 and f"interrupted; the same command with --resume continues {part}" in err, err
+    rc, err = signal_when_lines([*args, "-o", str(part)], part, 1, signal.SIGINT)
+    assert rc == 130 and f"interrupted; the same command with --resume continues {part}" in err, err
     assert "Traceback" not in err and 1 <= part.read_text().count("\n") < 12
     assert run_cli(*args, "-o", str(part), "--resume").returncode == 0
     assert run_cli(*args, "-o", str(full)).returncode == 0

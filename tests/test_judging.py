@@ -371,22 +371,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 def test_ctrl_c_says_how_to_continue_and_resume_finishes(tmp_path):
     """Ctrl-C used to end `judge` with exit 130 and no word (correct says how to continue)."""
     import signal
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import signal_when_lines
 
     src = _write(tmp_path / "in.jsonl", _fault_records())
     out, cache = tmp_path / "out.jsonl", tmp_path / "c.sqlite"
     with FaultServer(_answer, _fault, slow_s=1.5, delay_s=0.3) as srv:
-        proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", *_judge_args(src, out, srv.url, cache)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 60
-        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=60)[1].decode()
-        assert proc.returncode == 130 and f"interrupted; the same command with --resume continues {out}" in err, err
+        rc, err = signal_when_lines(_judge_args(src, out, srv.url, cache), out, 2, signal.SIGINT, timeout=60)
+        assert rc == 130 and f"interrupted; the same command with --resume continues {out}" in err, err
         assert "Traceback" not in err and 2 <= out.read_text().count("\n") < 24
         res = run_cli(*_judge_args(src, out, srv.url, cache, "--resume"))
     assert res.returncode == 1, res.stderr.decode()  # record r04's failed call, as in the uninterrupted run
