@@ -6,7 +6,8 @@
 #   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
 #   STEPS="data train" bash configs/corrector-o.sh   # only some steps (dev data train correct tasks)
 #   SMOKE=1 OUT=/tmp/o bash configs/corrector-o.sh   # the same commands on 3 rows each, 2 training steps
-#   RECIPE=p bash configs/corrector-o.sh   # corrector-p, shipped (configs/corrector-p.yaml): o with no refusal fix targets
+#   RECIPE=p bash configs/corrector-o.sh   # corrector-p (configs/corrector-p.yaml): o with no refusal fix targets
+#   RECIPE=q bash configs/corrector-o.sh   # corrector-q (configs/corrector-q.yaml): p and 40 rows that drop the weak tic
 #
 # Every step writes under $OUT (default out/, git-ignored) and resumes: a weak-answer file that
 # is complete is not redone (bench/weak_policy.py --resume), nor a correction (`correct` resumes).
@@ -36,10 +37,12 @@ else
   DEV_N=50; RED_N=191; GEN_N=100; SAMPLES_N=320; TOKENS=256; TRAIN_EXTRA=(); CORRECT_EXTRA=()
 fi
 RECIPE=${RECIPE:-o}
+TICS=0
 case "$RECIPE" in
   o) FIX_REFUSALS=0.1 ;;   # at most 10% of each fix/pref part's targets open with a refusal
   p) FIX_REFUSALS=0 ;;     # none do
-  *) echo "RECIPE is o or p" >&2; exit 2 ;;
+  q) FIX_REFUSALS=0; TICS=40 ;;  # p and 40 fix rows whose weak answer opens with the weak policy's tic
+  *) echo "RECIPE is o, p or q" >&2; exit 2 ;;
 esac
 NAME="corrector-$RECIPE"
 RUN="$OUT/runs/$NAME"
@@ -68,7 +71,7 @@ if has data; then
       --max-target-words 120 --min-chosen-words 12 --max-refusal-share "$FIX_REFUSALS" \
       --max-keep-refusal-share 0.5 --keep-samples-models claude,gpt35 \
       --fix-samples 100 --fix-redteam 40 --fix-general 20 --keep-samples 40 --keep-redteam 10 --keep-general 35 \
-      --pref-ma 20 --fix-declines 30
+      --pref-ma 20 --fix-declines 30 --fix-tics "$TICS"
 fi
 
 if has train; then

@@ -166,6 +166,20 @@ def decline_target(text: str, min_words: int = 20) -> str | None:
     return text if len(text.split()) >= min_words else None
 
 
+def tic_openings(weak_answers: list[str], min_words: int = 6) -> list[str]:
+    """The weak policy's refusal-like first sentences ("I'm sorry for any misunderstanding, but as
+    a chatbot designed to assist, I don't have the ability to ..."), deduplicated in first-seen
+    order: the first sentence of every answer in ``weak_answers`` that opens with a refusal
+    (:func:`is_refusal`) and has at least ``min_words`` words."""
+    seen: dict[str, None] = {}
+    for text in weak_answers:
+        text = text.strip().replace("\u2019", "'")
+        first = SENTENCE_END.split(text, 1)[0].strip()
+        if is_refusal(first) and len(first.split()) >= min_words:
+            seen.setdefault(first, None)
+    return list(seen)
+
+
 def sample_rows(weak_file: Path) -> list[dict]:
     """The weak policy's answers to rows 600-999 of Claude-3.csv (bench/weak_policy.py output, ids
     ``mid-<row>``), each with ``claude`` and ``gpt35``: the two sample CSVs' answers to that row.
@@ -342,6 +356,7 @@ def cmd_build(a) -> None:
     ren = Renderer(a.template, a.seed)
     # its own draws, so a mix without declines rebuilds as before
     ren_declines = Renderer(a.template, a.seed + 1) if a.fix_declines else None
+    ren_tics = Renderer(a.template, a.seed + 2) if a.fix_tics else None
     rng = random.Random(a.seed)
     exclude = set()
     for f in a.exclude_instructions or ():
@@ -434,6 +449,23 @@ def cmd_build(a) -> None:
         rows += got
         report.append({"kind": "fix", "pool": "declines", "available": len(cands), "asked": a.fix_declines,
                        "used": len(got), "refusal_targets": sum(is_refusal(r["target"]) for r in got)})
+    if a.fix_tics:  # its own draw too: a weak answer behind a tic opening -> the target without it
+        r_tic = random.Random(a.seed + 2)
+        weak_texts = [r["response"] for f in ("samples", "redteam", "general") if (weak / f"{f}.jsonl").exists()
+                      for r in read_jsonl(weak / f"{f}.jsonl")]
+        tics = tic_openings(weak_texts)
+        used = {r["source"]["row"] for r in rows if r["kind"] == "fix" and r["source"]["pool"] in ("samples", "declines")}
+        cands = [r for r in fix["samples"] if r["source"]["row"] not in used and not is_refusal(r["response"])
+                 and not is_refusal(r["target"])]
+        got = []
+        for r in sample(cands, a.fix_tics, r_tic):
+            tic = r_tic.choice(tics)
+            got.append(ren_tics.row(f"{r['id']}:tic", "fix", r["query"], f"{tic} {r['response']}", r["target"],
+                                    HH_OBJECTIVES, {**r["source"], "pool": "tics", "tic": tic}))
+        rows += got
+        report.append({"kind": "fix", "pool": "tics", "available": len(cands), "asked": a.fix_tics,
+                       "used": len(got), "refusal_targets": sum(is_refusal(r["target"]) for r in got),
+                       "tic_openings": len(tics)})
     rng.shuffle(rows)
     out = Path(a.output)
     for sp in ("train", "validation"):
@@ -484,6 +516,10 @@ def main() -> None:
     b.add_argument("--fix-declines", type=int, default=0,
                    help="fix rows from the samples pool whose target is Claude-3's refusal with its refusal "
                         "sentences cut (decline_target), for rows no samples fix row uses")
+    b.add_argument("--fix-tics", type=int, default=0,
+                   help="fix rows from the samples pool (rows no other samples row uses, neither answer a refusal) "
+                        "whose weak answer gets one of the weak policy's own refusal-like first sentences in front "
+                        "(tic_openings); the target is the plain one, so the corrector learns to drop the tic")
     a = ap.parse_args()
     (cmd_pools if a.cmd == "pools" else cmd_build)(a)
 
