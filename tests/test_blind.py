@@ -241,3 +241,27 @@ def test_verdict_mistakes_are_named_by_their_cause(tmp_path):
     assert r.returncode == 2 and "(its objectives are harmless; this run's are helpful)" in err, err
     r = cli("judge", str(inp), "--both-orders", "--blind-key", str(keyfile), "--blind-verdicts", str(v))
     assert r.returncode == 2 and "(--both-orders differs)" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_import_messages_offer_only_what_an_import_takes(tmp_path):
+    """From the ninth new-user trial: an import onto an earlier -o was told "use --resume ... or
+    --overwrite" though --resume is refused for imports; one verdict file given twice read as
+    "a second verdict (first at the same line)"."""
+    inp, tasks, key, keyfile = export(tmp_path)
+    want = {("a", "response"): "loss", ("a", "corrected"): "win",
+            ("b", "response"): "tie", ("b", "corrected"): "win"}
+    v = write(tmp_path / "v.jsonl", verdict_for(key, want))
+    out = tmp_path / "o.jsonl"
+    base = ("judge", str(inp), "--blind-key", str(keyfile), "--blind-verdicts", str(v), "-o", str(out))
+    assert cli(*base).returncode == 0
+    r = cli(*base)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and "use --overwrite to replace it" in err and "--resume" not in err, err
+    r = cli(*base, "--blind-verdicts", str(v), "--overwrite")
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and err.endswith(f"{v}: given twice with --blind-verdicts: give each judge's file once"), err
+    (tmp_path / "link.jsonl").symlink_to(v)
+    r = cli(*base, "--blind-verdicts", str(tmp_path / "link.jsonl"), "--overwrite")
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and f"(the same file as {v})" in err, err
+    assert len(out.read_text().splitlines()) == 4  # the first import is still there

@@ -360,7 +360,10 @@ def test_openai_backend_against_local_server(llama_server, smollm2_gguf):
 
 BAD = [
     ('{"query": "q", "response": "r"}\n{"query": "q", "response": \n', 2, "<stdin>:2: invalid JSON"),
-    ('{"query": "q"}\n', 1, "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response"),
+    ('{"query": "q"}\n', 1, "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response "
+     "(the record has: query; name yours with --response-field)"),
+    ('{"prompt": "q", "reply": "r"}\n', 1, "<stdin>:1: field 'response/answer/output/generated_text/completion': "
+     "missing response (the record has: prompt, reply; name yours with --response-field)"),
     ('{"query": "q", "response": 5}\n', 1, "<stdin>:1: field 'response': expected a string, got number"),
     ('{"query": "q", "response": "  "}\n', 1, "<stdin>:1: field 'response': empty text"),
     ('{"query": "q", "response": "r", "objectives": ["harmles"]}\n', 1,
@@ -608,7 +611,7 @@ def test_bom_csv_rows_of_wrong_width_nan():
     out = lines(r.stdout)
     assert r.returncode == 1 and out[0]["query"] == "hi" and out[0]["corrected"]
     assert out[1]["error"] == "<stdin>:3: row has 3 fields, the header 2"
-    assert out[2]["error"] == "<stdin>:4: row has 1 fields, the header 2"
+    assert out[2]["error"] == "<stdin>:4: row has 1 field, the header 2"
     r = run_cli("correct", "-O", "helpful", input=b'\xef\xbb\xbf{"query": "a", "response": NaN}\n')
     assert r.returncode == 2 and "<stdin>:1: invalid JSON: NaN is not valid JSON" in r.stderr.decode()
     # A number too large for a double came back out as Infinity (not JSON): refused like NaN.
@@ -655,9 +658,10 @@ def test_csv_bad_utf8_fails_its_row_and_duplicate_header_the_file(tmp_path):
         f"error: {d}:1: header: invalid UTF-8 (byte 0xe9 after 4 bytes of column 2's name)"
 
 
-def test_resume_keeps_the_exit_code_of_kept_failures(tmp_path):
-    """A record kept as failed (`--on-error keep`) is not redone by `--resume` (the finished
-    file equals an uninterrupted run's), so the resumed run still exits 1 and says so."""
+def test_resume_redoes_a_kept_failure_and_it_fails_again(tmp_path):
+    """A record kept as failed (`--on-error keep`) is redone by `--resume` (a failure is never
+    kept as a result); a record that is bad in itself fails again, so the run exits 1, and the
+    file holds one line per record in input order."""
     data = '{"id": "a", "query": "q", "response": "fine"}\n{"id": "b", "query": "q"}\n'
     out = tmp_path / "o.jsonl"
     args = ("correct", "-O", "helpful", "--max-new-tokens", "2", "--threads", "1", "--on-error", "keep", "-o", str(out))
@@ -665,8 +669,8 @@ def test_resume_keeps_the_exit_code_of_kept_failures(tmp_path):
     assert r.returncode == 1 and [("error" in o) for o in lines(out.read_bytes())] == [False, True]
     r = run_cli(*args, "--resume", input=data)
     assert r.returncode == 1, r.stderr.decode()
-    assert "0 failed, 2 already done (1 of them kept as failed)" in r.stderr.decode()
-    assert len(lines(out.read_bytes())) == 2
+    assert "1 failed, 1 already done (1 kept as failed by the earlier run, redone)" in r.stderr.decode()
+    assert [(o["id"], "error" in o) for o in lines(out.read_bytes())] == [("a", False), ("b", True)]
 
 
 def test_csv_line_numbers_count_blank_lines_and_multiline_cells(tmp_path):
@@ -679,9 +683,13 @@ def test_csv_line_numbers_count_blank_lines_and_multiline_cells(tmp_path):
     got = [(r.line, r.data, str(r.error) if r.error else None) for r in read_csv(f)]
     assert got == [(4, {"query": "q1", "response": "r1"}, None),
                    (7, {"query": "q\n2", "response": "r2"}, None),
-                   (9, None, f"{f}:9: row has 1 fields, the header 2"),
+                   (9, None, f"{f}:9: row has 1 field, the header 2"),
                    (10, {"query": "q3", "response": "r\n\n3"}, None),
                    (13, {"query": "q4", "response": "r4"}, None)]
+    # A Windows export: CRLF line ends, and inside a quoted cell too (the tenth trial kept "\r\n")
+    f.write_bytes(b'query,response\r\n"q\r\n1","r1"\r\nq2,r2\r\n')
+    assert [(r.line, r.data) for r in read_csv(f)] == [(2, {"query": "q\n1", "response": "r1"}),
+                                                      (4, {"query": "q2", "response": "r2"})]
 
 
 def test_broken_pipe_is_quiet():

@@ -467,3 +467,20 @@ def test_token_length_percentiles_with_gguf_tokenizer(tmp_path, smollm2_gguf, ob
     assert 0 < n_target < 10 < n_prompt
     assert stats.token_lengths["preference"]["prompt"]["max"] == n_prompt
     assert stats.token_lengths["preference"]["total"]["p50"] == n_prompt + n_target
+
+
+def test_no_items_says_why_even_with_quiet(tmp_path):
+    """Tenth new-user trial: with -q (or an input of whitespace) "no items were built (see the
+    bad records and dropped pairs above)" pointed at lines that were not printed."""
+    ws = tmp_path / "ws.jsonl"
+    ws.write_text("  \n\n")
+    r = run_cli("build-data", str(ws), "-o", str(tmp_path / "a"), "-O", "harmless", "-q")
+    assert r.returncode == 1 and r.stderr.decode().strip() == \
+        f"error: no items were built (the input holds no rows); nothing was written to {tmp_path / 'a'}"
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"query": "q", "responses": ["a"]}\n')
+    r = run_cli("build-data", str(one), "-o", str(tmp_path / "b"), "-O", "harmless", "-q")
+    assert r.returncode == 1 and r.stderr.decode().strip() == \
+        f"error: no items were built (1 bad record(s), 0 dropped pair(s): rerun without -q for the reasons); " \
+        f"nothing was written to {tmp_path / 'b'}"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -251,3 +251,32 @@ def test_objective_clashes_between_files_name_both_files(tmp_path):
 def test_template_path_not_found():
     with pytest.raises(ConfigError, match=r"nope.yaml: template file not found"):
         load_template("./nope.yaml")
+
+
+def test_a_replaced_builtin_and_a_misspelt_rendering_key_are_named(tmp_path):
+    """Tenth new-user trial: a file named like a shipped objective dropped its aliases and its
+    exact hh-rlhf text without a word, and a `renderings` key misspelt as `hh-rlhff` was never
+    used, also silently. Both are now warned when the objective is used."""
+    from conftest import cli
+
+    from metaalign_cli.objectives import load_objectives
+
+    d = tmp_path / "objs"
+    d.mkdir()
+    (d / "h.yaml").write_text('name: harmless\ndescription: Be nice.\nrenderings:\n  hh-rlhff: "X: foo"\n')
+    objset = load_objectives(dirs=[d], include_user=False)
+    h = objset.get("harmless")
+    assert h.render("hh-rlhf") == "Harmless: Be nice."
+    notes = objset.notes([h], "hh-rlhf")
+    assert notes == [
+        f"{d / 'h.yaml'}: replaces objective 'harmless' of {objset.replaced['harmless'].source} without its aliases "
+        "harmlessness and its exact text for the hh-rlhf template(s) (what released correctors were trained on); "
+        "copy them into the file to keep them",
+        f"{d / 'h.yaml'}: renderings key 'hh-rlhff' is not the template in use, 'hh-rlhf': its text is not used "
+        "(a misspelt template name?)"]
+    assert objset.notes([objset.get("helpful")], "hh-rlhf") == []  # untouched objectives: nothing to say
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"query": "q", "response": "r"}\n')
+    r = cli("correct", str(inp), "-O", "harmless", "--objectives-dir", str(d), "-t", "hh-rlhf", "--dry-run")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and f"warning: {notes[0]}" in err and f"warning: {notes[1]}" in err, err

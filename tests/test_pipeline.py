@@ -296,7 +296,7 @@ def test_a_finished_file_resumed_with_other_settings_is_still_refused(tmp_path, 
     r = cli("correct", "-b", "scripted", "-O", "harmless", "--resume", "-o", str(f), input=inp)
     assert r.returncode == 2 and "objectives ['helpful'] there, ['harmless'] now" in r.stderr.decode()
     r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(f), input=inp)
-    assert r.returncode == 0 and "0 record(s), 0 failed, 1 already done" in r.stderr.decode()
+    assert r.returncode == 0 and "0 record(s) (0 unchanged), 0 failed, 1 already done" in r.stderr.decode()
 
 
 def test_dry_run_keep_writes_the_bad_records_error_and_unreadable_input_is_one_line(tmp_path):
@@ -338,7 +338,8 @@ def test_a_kept_bad_record_names_its_objectives_and_unknown_roles_are_refused(sc
     out = rows(r.stdout)
     assert [o["metaalign"]["objectives"] for o in out] == [["harmless"], ["helpful"], ["helpful"], ["helpful"],
                                                             ["helpful"]]
-    assert out[0]["error"] == "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response"
+    assert out[0]["error"] == "<stdin>:1: field 'response/answer/output/generated_text/completion': missing response " \
+        "(the record has: id, query, objectives; name yours with --response-field)"
     assert out[2]["error"] == ("<stdin>:3: field 'messages[0].role': unknown role 'wizard' "
                                "(use user, assistant, system, developer)")
     assert out[3]["error"].endswith("unknown role 'USR' (use user, assistant, system, developer); did you mean 'user'?")
@@ -711,3 +712,53 @@ def test_judge_dry_run_makes_no_cache_file(tmp_path, scripted_backend):
     r = cli("judge", "-b", "scripted", str(rec), "-O", "helpful", "--dry-run", "--cache", str(cache))
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads(r.stdout.decode().splitlines()[0])["cached"] == 0 and not cache.exists()
+
+
+def test_a_hub_id_that_cannot_load_fails_at_once(tmp_path):
+    """Ninth new-user trial: `-m nosuchmodel` waited ~50 s on five hub retries (each printed)
+    before failing. Now one probe of the hub: unreachable, or no such repository, is one line,
+    exit 2, in seconds. The hub here is a local server (HF_ENDPOINT): a closed port, then one that
+    answers as the hub does for a repository that does not exist."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    def run(env):  # a process of its own: huggingface_hub reads HF_ENDPOINT when it is imported
+        return subprocess.run([sys.executable, "-m", "metaalign_cli", "correct", "-O", "helpful", "-m", "nosuchmodel",
+                               str(inp)], capture_output=True, env={**os.environ, **env}, timeout=120)
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"query": "q", "response": "r"}\n')
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    t0 = time.monotonic()
+    r = run(env)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and time.monotonic() - t0 < 40 and "Retrying" not in err, err
+    assert "error: nosuchmodel: cannot load model (" in err and "it is not in the hub cache and the hub cannot be " \
+        "reached: ConnectError" in err, err
+
+    class NoSuchRepo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")  # what the hub sends
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = run({**env, "HF_ENDPOINT": f"http://127.0.0.1:{srv.server_port}"})
+    finally:
+        srv.shutdown()
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "error: nosuchmodel: no such model (" in err and "the hub has no such repository, " \
+        "or it is private or gated: `hf auth login`)" in err, err

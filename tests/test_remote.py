@@ -90,7 +90,7 @@ def test_null_text_fails_its_record_and_empty_text_is_flagged():
         assert out[2]["corrected"] == "" and out[2]["metaalign"]["empty"] is True
         assert "empty" not in out[0]["metaalign"] and out[3]["corrected"] == "fixed 3"
         err = r.stderr.decode()
-        assert "corrected 3 record(s), 1 failed" in err and "1 empty" in err
+        assert "corrected 3 record(s) (0 unchanged), 1 failed" in err and "1 empty" in err
         r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", input=records(2))
         assert r.returncode == 1 and lines(r.stdout)[0]["corrected"] == "fixed 0"
         assert "null text" in r.stderr.decode()  # --on-error fail: a one-line error, no traceback
@@ -239,3 +239,33 @@ def test_anthropic_backend_against_a_local_messages_server():
     b = srv.bodies[0]
     assert (b["model"], b["temperature"], b["top_k"], b["max_tokens"]) == ("claude-x", 0.0, 5, 128)
     assert b"CANARY" not in r.stdout + r.stderr
+
+
+def test_resume_redoes_records_kept_as_failed_and_restores_input_order(tmp_path):
+    """Tenth new-user trial: after a short outage under `--on-error keep`, `--resume` said
+    "3 already done (3 of them kept as failed)" and retried nothing. A failure is never kept as a
+    result: `--resume` now redoes the kept failures, and the finished file is in input order,
+    as an uninterrupted run's would be. The server fails `Question 1?` and `Question 2?` the
+    first time each is asked (HTTP 500, no retries), then answers."""
+    out = tmp_path / "o.jsonl"
+    fault = (lambda p, k: "500" if k == 0 and ("Question 1?" in p or "Question 2?" in p) else None)
+    with FaultServer(echo_id, fault) as srv:
+        args = ("correct", "--base-url", srv.url, "-O", "harmless", "--retries", "0", "--on-error", "keep",
+                "-o", str(out))
+        r = run_cli(*args, input=records(4))
+        assert r.returncode == 1
+        assert [("error" in o, o.get("corrected")) for o in lines(out.read_bytes())] == [
+            (False, "fixed 0"), (True, None), (True, None), (False, "fixed 3")]
+        r = run_cli(*args, "--resume", input=records(4))
+        err = r.stderr.decode()
+        assert r.returncode == 0, err
+        assert "corrected 2 record(s) (0 unchanged), 0 failed, 2 already done (2 kept as failed by the earlier run, " \
+            "redone)" in err, err
+        got = lines(out.read_bytes())
+        assert [(o["id"], o["corrected"], "error" in o) for o in got] == [
+            ("r0", "fixed 0", False), ("r1", "fixed 1", False), ("r2", "fixed 2", False), ("r3", "fixed 3", False)]
+        assert [o["metaalign"]["input_line"] for o in got] == [1, 2, 3, 4]
+        assert srv.requests == 6  # 4, then only the two redone
+        r = run_cli(*args, "--resume", input=records(4))  # finished: nothing redone, the file as it is
+        assert r.returncode == 0 and "0 record(s) (0 unchanged), 0 failed, 4 already done," in r.stderr.decode()
+        assert lines(out.read_bytes()) == got and srv.requests == 6

@@ -60,6 +60,8 @@ def objectives_main(cfg: ObjectivesConfig, given: dict) -> None:
             from metaalign_cli.templates import load_template
 
             tname = load_template(cfg.template, kind="correction").name
+        for note in objset.notes(objs, tname):
+            say(f"warning: {note}")
         if cfg.json or not sys.stdout.isatty():
             for o in objs:
                 print(json.dumps({"name": o.name, "aliases": list(o.aliases), "text": o.render(tname),
@@ -123,12 +125,15 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         say(f"wrote {report.prompts} prompt(s), {report.failed} record(s) failed (--dry-run: no model loaded)")
     elif not cfg.quiet:
         s = report.to_dict()
-        earlier = f" ({report.failed_before} of them kept as failed)" if report.failed_before else ""
+        earlier = f" ({report.retried} kept as failed by the earlier run, redone)" if report.retried else ""
         empty = f", {report.empty} empty" if report.empty else ""
         trimmed = f" ({report.trimmed} cut back to before the repetition)" if report.trimmed else ""
-        say(f"corrected {report.corrected} record(s), {report.failed} failed, {report.resumed} already done{earlier}, "
+        rates = (f"; {report.corrected / report.seconds:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s"
+                 if report.corrected and report.seconds else "")  # (no rate of failures alone)
+        say(f"corrected {report.corrected} record(s) ({report.unchanged} unchanged), {report.failed} failed, "
+            f"{report.resumed} already done{earlier}, "
             f"{report.truncated} with the query cut to fit the context, {report.looped} stopped in a repetition "
-            f"loop{trimmed}, {report.capped} at the token cap{empty}; {s['records_per_s'] or 0:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s")
+            f"loop{trimmed}, {report.capped} at the token cap{empty}{rates}")
     raise typer.Exit(report.exit_code)
 
 

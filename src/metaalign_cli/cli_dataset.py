@@ -163,8 +163,15 @@ def build_data_main(cfg, given: dict) -> None:
             f"(--validation-ratio {cfg.validation_ratio}, --test-ratio {cfg.test_ratio}); `metaalign train` "
             "reads the train split")
     if total == 0:
-        raise fail(f"no items were built (see the bad records and dropped pairs above); nothing was written to "
-                   f"{output}", EXIT_FAILED)
+        d = stats.to_dict()
+        if not d["rows"]:
+            why = "the input holds no rows"
+        elif cfg.quiet:
+            why = (f"{sum(d['bad_records'].values())} bad record(s), {sum(d['dropped_pairs'].values())} dropped "
+                   "pair(s): rerun without -q for the reasons")
+        else:
+            why = "see the bad records and dropped pairs above"
+        raise fail(f"no items were built ({why}); nothing was written to {output}", EXIT_FAILED)
 
 
 def print_summary(stats: dict, output: Path, console) -> None:

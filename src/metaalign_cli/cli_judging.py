@@ -41,15 +41,16 @@ def _check_outputs(cfg: JudgeConfig) -> None:
         check_not_replacing(cfg.blind_key, "--blind-key", cfg.overwrite, resumable=False)
         return
     check_output(cfg.output)
+    resumable = not cfg.blind_verdicts  # a blind import is redone whole (--resume is refused there)
     if not cfg.resume:
-        check_not_replacing(cfg.output, overwrite=cfg.overwrite)
+        check_not_replacing(cfg.output, overwrite=cfg.overwrite, resumable=resumable)
     if cfg.summary:
         check_output(cfg.summary, "--summary")
     if cfg.plot:
         check_output(cfg.plot, "--plot", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     if not cfg.resume:  # (a resumed run's summary and plot are of the whole file: they are redone)
         for path, flag in ((cfg.summary, "--summary"), (cfg.plot, "--plot")):
-            check_not_replacing(path, flag, cfg.overwrite)
+            check_not_replacing(path, flag, cfg.overwrite, resumable=resumable)
 
 
 def judge_main(cfg: JudgeConfig, given: dict) -> None:
@@ -108,7 +109,7 @@ def _judge(cfg: JudgeConfig, plan):
     from metaalign_cli.judging.judge import run_judge
 
     def on_model(label: str) -> None:
-        if not cfg.quiet and not cfg.dry_run:
+        if not cfg.quiet:  # (a dry run too: it says which judge the real run would ask)
             note = " (tiny: expect many invalid answers; pass --model/--base-url for a real judge)" \
                 if "prompted" in label else ""
             console.print(f"[dim]judging with {escape(label)}{note}[/]")

@@ -72,10 +72,13 @@ class CorrectionReport:
     (stopped by ``max_new_tokens``: finish reason ``length``), ``empty``
     (corrected to an empty text: flagged ``"empty": true`` in the provenance),
     ``generated_tokens``, ``seconds``; ``trimmed``: loops cut back by ``--on-loop trim``;
-    ``prompts``: prompts written by ``--dry-run``."""
+    ``prompts``: prompts written by ``--dry-run``; ``unchanged``: corrections equal to the
+    response (whitespace at the ends aside: an answer already good is kept); ``retried``: records an earlier
+    ``--on-error keep`` run kept as failed, redone by ``--resume``."""
 
     written: int = 0
     corrected: int = 0
+    unchanged: int = 0
     failed: int = 0
     resumed: int = 0
     truncated: int = 0
@@ -85,22 +88,21 @@ class CorrectionReport:
     empty: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
-    failed_before: int = 0
+    retried: int = 0
     errors: list[str] = field(default_factory=list)
     model: str = ""
     prompts: int = 0
 
     @property
     def exit_code(self) -> int:
-        """0 when every record was corrected, 1 when some failed (now, or kept as failed by the
-        run a ``--resume`` continues)."""
-        return 1 if self.failed or self.failed_before else 0
+        """0 when every record was corrected, 1 when some failed."""
+        return 1 if self.failed else 0
 
     def to_dict(self) -> dict:
         """The counts as JSON (what ``--summary`` would write), with records/s and tokens/s."""
         s = self.seconds
-        return {"written": self.written, "corrected": self.corrected, "failed": self.failed,
-                "resumed": self.resumed, "failed_before": self.failed_before, "truncated": self.truncated,
+        return {"written": self.written, "corrected": self.corrected, "unchanged": self.unchanged, "failed": self.failed,
+                "resumed": self.resumed, "retried": self.retried, "truncated": self.truncated,
                 "looped": self.looped, "trimmed": self.trimmed, "capped": self.capped, "empty": self.empty,
                 "generated_tokens": self.generated_tokens,
                 "seconds": round(s, 3), "records_per_s": round(self.written / s, 3) if s else None,
@@ -394,6 +396,7 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
         writer.write(out)
         report.written += 1
         report.corrected += 1
+        report.unchanged += text == it.answer.strip()
         report.looped += g.finish_reason == "loop"
         report.capped += g.finish_reason == "length"
         report.generated_tokens += g.completion_tokens or 0
@@ -581,7 +584,8 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     """
     from metaalign_cli.models import resolve_config
     from metaalign_cli.objectives import load_objectives
-    from metaalign_cli.records import done_records, id_warning, messages_warning, read_records
+    from metaalign_cli.records import (done_records, drop_lines, id_warning, messages_warning, read_records,
+                                       restore_input_order)
     from metaalign_cli.templates import load_template
 
     warn = warn or (lambda m: None)
@@ -597,7 +601,9 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     if bad is not None:
         raise RecordFailed(bad, True)
     good = [it.rec for it in items if it.error is None]
-    for w in (id_warning(good), messages_warning(good, cfg.query_field, cfg.response_field)):
+    used = list({o.name: o for it in items if it.error is None for o in it.objectives}.values())
+    for w in (id_warning(good), messages_warning(good, cfg.query_field, cfg.response_field),
+              *objset.notes(used, tpl.name)):
         if w:
             warn(w)
     if not items and not resumed:
@@ -624,11 +630,15 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
             if why:
                 raise InputError(f"--resume would mix settings in one file ({why}); rerun with the same settings, "
                                  "or write to another file", source=cfg.output)
+        if done is not None and done.failed_lines:  # kept failures are redone, never kept as results
+            drop_lines(cfg.output, done.failed_lines)
         with JsonlWriter(cfg.output, append=cfg.resume) as writer:
             report = correct_prepared(items, be, opts, writer, on_progress, warn)
+        if done is not None:  # (redone records, and any a failed earlier resume left, were appended)
+            restore_input_order(cfg.output)
     finally:
         if own:
             be.close()
     report.resumed = resumed
-    report.failed_before = done.kept_failures if done else 0
+    report.retried = done.kept_failures if done else 0
     return report

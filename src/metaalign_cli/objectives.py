@@ -109,10 +109,43 @@ class ObjectiveSet:
     """All known objectives by name, with alias lookup. Build with :func:`load_objectives`."""
 
     by_name: dict[str, Objective] = field(default_factory=dict)
+    replaced: dict[str, Objective] = field(default_factory=dict)  # name -> the objective a later file replaced
 
     def add(self, obj: Objective) -> None:
-        """Add or override (same name) an objective."""
+        """Add or override (same name) an objective; what it overrides is kept in ``replaced``."""
+        if obj.name in self.by_name:
+            self.replaced.setdefault(obj.name, self.by_name[obj.name])
         self.by_name[obj.name] = obj
+
+    def notes(self, objectives: Iterable[Objective], template: str | None = None) -> list[str]:
+        """Warnings for the ``objectives`` a run uses, rendered for ``template`` (its name):
+
+        - a file that replaces an objective of the same name (a shipped one) without the
+          aliases or exact renderings the replaced one had: those are gone with it;
+        - a ``renderings`` key that is not ``template`` but close to it (a misspelt template
+          name: the exact string is never used).
+
+        Returns one line per finding, naming the file; [] when there is nothing to say."""
+        import difflib
+
+        out = []
+        for o in objectives:
+            old = self.replaced.get(o.name)
+            if old is not None:
+                lost_aliases = [a for a in old.aliases if a not in o.aliases]
+                lost_r = [t for t in old.renderings if t not in o.renderings]
+                lost = ([f"its aliases {', '.join(lost_aliases)}"] if lost_aliases else []) + \
+                       ([f"its exact text for the {', '.join(lost_r)} template(s) (what released correctors were "
+                         "trained on)"] if lost_r else [])
+                if lost:
+                    out.append(f"{o.source}: replaces objective '{o.name}' of {old.source} without "
+                               f"{' and '.join(lost)}; copy them into the file to keep them")
+            if template and template not in o.renderings:
+                close = difflib.get_close_matches(template, list(o.renderings), n=1, cutoff=0.75)
+                if close:
+                    out.append(f"{o.source}: renderings key '{close[0]}' is not the template in use, "
+                               f"'{template}': its text is not used (a misspelt template name?)")
+        return out
 
     def _index(self) -> dict[str, str]:
         idx: dict[str, str] = {}

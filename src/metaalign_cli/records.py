@@ -356,7 +356,7 @@ def _bad_utf8(value: str, what: str = "the field") -> str | None:
 
 def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
     """Yield a :class:`SourceRecord` per CSV row (header row gives the field names; ``line``
-    is the line where the row starts). A row with invalid UTF-8, or with more or fewer cells
+    is the line where the row starts; a CRLF inside a quoted cell reads as "\n"). A row with invalid UTF-8, or with more or fewer cells
     than the header, becomes a record with ``error`` set (file, line and field named); the
     other rows are read. Invalid UTF-8 or a repeated name in the header, and CSV the parser
     rejects (strict: a quote never closed, text after a closing quote), fail the whole file
@@ -392,9 +392,10 @@ def read_csv(path: str | os.PathLike | None) -> Iterator[SourceRecord]:
                     continue
                 if len(cells) != len(header):
                     yield SourceRecord(src, start, None, InputError(
-                        f"row has {len(cells)} fields, the header {len(header)}", source=src, line=start))
+                        f"row has {len(cells)} field{'s' if len(cells) != 1 else ''}, the header {len(header)}", source=src, line=start))
                     continue
-                row = dict(zip(header, cells))
+                # a line break inside a quoted cell is "\n", as in JSONL (a Windows export has "\r\n")
+                row = dict(zip(header, (c.replace("\r\n", "\n") for c in cells)))
                 bad = next(((k, m) for k, v in row.items() if (m := _bad_utf8(v))), None)
                 if bad:
                     yield SourceRecord(src, start, None, InputError(bad[1], source=src, line=start, field=bad[0]))
@@ -458,11 +459,20 @@ def extract_query_response(rec: SourceRecord, query_field: str | None = None,
     qf = query_field or next((f for f in QUERY_FIELDS if f in d), None)
     rf = response_field or next((f for f in RESPONSE_FIELDS if f in d), None)
     if rf is None or rf not in d:
-        raise InputError("missing response", rec.source, rec.line,
+        raise InputError(f"missing response{_fields_hint(d, '--response-field')}", rec.source, rec.line,
                          rf or "/".join(RESPONSE_FIELDS))
     if qf is None or qf not in d:
-        raise InputError("missing query", rec.source, rec.line, qf or "/".join(QUERY_FIELDS))
+        raise InputError(f"missing query{_fields_hint(d, '--query-field')}", rec.source, rec.line,
+                         qf or "/".join(QUERY_FIELDS))
     return string_field(rec, qf), string_field(rec, rf)
+
+
+def _fields_hint(d: dict, flag: str) -> str:
+    """`` (the record has: a, b; name yours with --query-field)``: what a record missing a field
+    holds instead (the first 8 keys), so a file with other names says how to read it."""
+    keys = [str(k) for k in d][:8]
+    more = ", ..." if len(d) > 8 else ""
+    return f" (the record has: {', '.join(keys)}{more}; name yours with {flag})" if keys else " (the record is {})"
 
 
 #: The turn roles a ``messages`` record may hold (any case): OpenAI's chat roles without tool
@@ -600,14 +610,21 @@ def output_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 class DoneRecords:
     """What an output file already holds, for ``--resume``: ``keys``, how many records of
     each key (``id:<id>`` or ``line:<n>``; a count, so repeated ids resume correctly), and
-    ``kept_failures``, records an earlier ``--on-error keep`` run kept as failed (an ``error``
-    field and our provenance object, no output field). Those are not redone (the finished
-    file equals an uninterrupted run's), so they still count for the exit code."""
+    ``failed_lines``, the output lines of records an earlier ``--on-error keep`` run kept as
+    failed (an ``error`` field and our provenance object, no output field). Those are not done:
+    a failure is never kept as a result, so ``--resume`` drops those lines
+    (:func:`drop_lines`) and redoes the records, and :func:`restore_input_order` puts the
+    finished file back in input order."""
 
     keys: Counter[str]
-    kept_failures: int = 0
+    failed_lines: list[int] = dc_field(default_factory=list)
     source: str = ""  # the output file
     rows: dict[str, list[tuple[str, int]]] = dc_field(default_factory=dict)  # key -> (input_digest, output line)
+
+    @property
+    def kept_failures(self) -> int:
+        """How many records the earlier run kept as failed (redone by this run)."""
+        return len(self.failed_lines)
 
 
 def text_sha(text: str) -> str:
@@ -645,6 +662,9 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
         if not isinstance(rec.get(key_field), dict):
             raise InputError(f"no '{key_field}' provenance object: --resume only continues a file metaalign wrote "
                              "(is -o the input file?)", source=str(p), line=lineno)
+        if "error" in rec and output_field not in rec:
+            done.failed_lines.append(lineno)  # not done: redone (see DoneRecords)
+            continue
         key = None
         if rec.get("id") is not None:
             key = f"id:{rec['id']}"
@@ -655,6 +675,57 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
         if key is not None:
             done.keys[key] += 1
             done.rows.setdefault(key, []).append((input_digest(rec, output_field, key_field), lineno))
-        if "error" in rec and isinstance(rec.get(key_field), dict) and output_field not in rec:
-            done.kept_failures += 1
     return done
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    """Replace ``path`` by ``lines`` at once (a temporary file beside it, then ``os.replace``):
+    a kill leaves either the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def drop_lines(path: str | os.PathLike, lines: Iterable[int]) -> None:
+    """Remove the (1-based) ``lines`` from the output file ``path`` (a partial last line, a
+    killed run's, goes too), replacing the file at once. Used by ``--resume`` for the records an
+    earlier run kept as failed, which it redoes."""
+    drop = set(lines)
+    if not drop:
+        return
+    p = Path(path)
+    with open(p, "rb") as fh:
+        keep = [raw for n, raw in enumerate(fh, start=1) if n not in drop and raw.endswith(b"\n")]
+    _rewrite(p, keep)
+
+
+def restore_input_order(path: str | os.PathLike, key_field: str = "metaalign") -> bool:
+    """Put the output file ``path`` back in input order when records redone by ``--resume``
+    were appended after later ones: a stable sort of its lines by the provenance's
+    ``input_line``. Nothing is rewritten when the file is already in order, or when a line has
+    no ``input_line`` (not ours to reorder). Returns True when the file was rewritten."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        raws = [raw for raw in fh if raw.strip()]
+    at: list[int] = []
+    for raw in raws:
+        try:
+            line = json.loads(raw).get(key_field, {}).get("input_line")
+        except (ValueError, AttributeError, RecursionError):
+            return False
+        if not isinstance(line, int) or not raw.endswith(b"\n"):
+            return False
+        at.append(line)
+    if all(a <= b for a, b in zip(at, at[1:])):
+        return False
+    order = sorted(range(len(raws)), key=lambda i: at[i])
+    _rewrite(p, [raws[i] for i in order])
+    return True

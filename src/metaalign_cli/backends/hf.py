@@ -152,6 +152,8 @@ class TransformersBackend(Backend):
             if not p.is_file():
                 raise MetaAlignError(f"{p}: GGUF model file not found")
             src, kw["gguf_file"] = str(p.parent), p.name
+        if not p.exists():
+            check_hub_model(src)
         try:
             adapter = p.is_dir() and (p / "adapter_config.json").is_file()
             self.device_map = pick_device_map(self.device, src, kw, self.dtype)
@@ -294,6 +296,49 @@ def _loop_criteria(prompt_width: int):
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([LoopGuard()])
+
+
+def check_hub_model(model_id: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with one clear line, for a hub id that cannot load: transformers would spend
+    about 50 s on five retries (and print each) before saying the hub cannot be reached.
+
+    Passes (returns None) when the hub cache holds the model's ``config.json``, when
+    ``HF_HUB_OFFLINE`` is set (transformers then fails at once by itself), when the id is not a
+    valid repo id (transformers names that), and on any answer from the hub other than "no such
+    repository". Raises MetaAlignError when the hub says the repository does not exist (or is
+    private or gated) and when the hub cannot be reached within ``timeout_s`` seconds."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        from huggingface_hub import model_info, try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    except ImportError:
+        return
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return
+        model_info(model_id, timeout=timeout_s)
+    except HFValidationError:
+        return
+    except RepositoryNotFoundError:
+        raise MetaAlignError(f"{model_id}: no such model ({not_found_hint()}: the hub has no such repository, "
+                             "or it is private or gated: `hf auth login`)") from None
+    except Exception as e:
+        if not _unreachable(e):  # any other answer: let transformers try, and say what it finds
+            return
+        raise MetaAlignError(f"{model_id}: cannot load model ({not_found_hint()}: it is not in the hub cache and the "
+                             f"hub cannot be reached: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             ) from None
+
+
+def _unreachable(e: BaseException) -> bool:
+    """True for a network failure (no route, no DNS, a timeout) from whichever HTTP client
+    huggingface_hub uses (httpx, its fork, requests): matched by the exception classes' names."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (ConnectionError, TimeoutError)) or bool(
+        names & {"TransportError", "ConnectError", "ConnectionError", "Timeout", "TimeoutException"})
 
 
 def not_found_hint() -> str:

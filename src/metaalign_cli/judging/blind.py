@@ -151,7 +151,19 @@ def read_verdicts(paths: list[str | os.PathLike], key: dict) -> dict[str, int]:
     line (an annotator's name or comment) are left as they are. Raises InputError
     naming file and line for a line that is not ``{"task": ..., "verdict": 0|1|2}``, a task the
     key does not hold (of another export when its id prefix differs), a task given twice, and
-    naming the first missing task when some have none."""
+    naming the first missing task when some have none; a file given twice (the same file by
+    another name too) is named as such."""
+    seen_files: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # (read_jsonl names a missing file)
+        first = seen_files.setdefault((st.st_dev, st.st_ino), str(path))
+        if first != str(path) or list(map(str, paths)).count(str(path)) > 1:
+            same = "" if first == str(path) else f" (the same file as {first})"
+            raise InputError(f"given twice with --blind-verdicts{same}: give each judge's file once",
+                             source=str(path))
     tasks = {t["task"] for t in key["tasks"]}
     prefix = key["export"] + "-"
     out: dict[str, int] = {}

@@ -81,6 +81,8 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
                         prompt_format=cfg.prompt_format, system=cfg.system)
     plan = JudgePlan(items, opts, plan_units(items, opts))
     plan.failed_records = len(failed)
+    used = list({o.name: o for it in items for o in it.objectives}.values())
+    plan.warnings += objset.notes(used, tpl.name)
     if failed:
         plan.warnings.append(f"{len(failed)} record(s) failed in `correct` (an 'error' field and no "
                              f"'{CORRECTED_FIELD}'; first: {failed[0].source}:{failed[0].line}): not judged")
@@ -173,8 +175,7 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
         store = None if cfg.no_cache or (cfg.dry_run and not cache.exists()) else JudgeCache(cache)
         if cfg.dry_run:
             out = dry_run(plan.units, be, store, plan.options, set(kept))
-            if store is not None:
-                out["cache"] = str(store.path)
+            out["cache"] = None if cfg.no_cache else str(cache)  # (the file the real run would use)
             return JudgeRun([], {}, dry_run=out)
         rows = dict(kept)
         if failed:  # failed calls are asked again: keep only the good rows, then append
