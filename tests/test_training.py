@@ -162,6 +162,44 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     assert load_train_config(Path(__file__).parents[1] / "configs" / "train.yaml").lora_r == 16
 
 
+def test_resume_takes_the_runs_settings_and_refuses_other_ones(tmp_path):
+    from metaalign_cli.errors import MetaAlignError
+    from metaalign_cli.training import load_train_config, resume_config, save_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    run = load_train_config(overrides={"data_dir": str(data), "output_dir": str(out), "lora_r": 8,
+                                       "export_gguf": ["f16"], "max_steps": 7})
+    save_config(run, out / "train_config.yaml")
+    # Only -o and --resume given: everything else is the run's (not the defaults).
+    bare = load_train_config(overrides={"output_dir": str(out)})
+    got = resume_config(bare, given={"output_dir"})
+    assert (got.lora_r, got.export_gguf, got.max_steps, got.data_dir) == (8, ["f16"], 7, [str(data)])
+    # The same settings again, data named by another path to the same directory, and a free one changed.
+    (tmp_path / "link").symlink_to(data)
+    again = load_train_config(overrides={"output_dir": str(out), "lora_r": 8, "data_dir": str(tmp_path / "link"),
+                                         "save_steps": 3})
+    got = resume_config(again, given={"output_dir", "lora_r", "data_dir", "save_steps"})
+    assert got.save_steps == 3 and got.lora_r == 8
+    # A result-shaping setting that differs: one line naming it with both values.
+    other = load_train_config(overrides={"output_dir": str(out), "lora_r": 16})
+    with pytest.raises(MetaAlignError) as e:
+        resume_config(other, given={"output_dir", "lora_r"})
+    assert str(e.value) == (f"{out}: --resume with other settings than the run was started with: lora_r 16 "
+                            "(the run has 8); give the same flags, or another -o")
+    # No recorded run: the caller's config as it is.
+    fresh = load_train_config(overrides={"output_dir": str(tmp_path / "new"), "lora_r": 16})
+    assert resume_config(fresh, given={"lora_r"}) is fresh
+
+
+def test_progress_rate_keeps_two_significant_digits_below_ten():
+    from metaalign_cli.cli_training import _rate
+
+    assert [_rate(x) for x in (0.114, 3.456, 9.99, 10.4, 523.7)] == ["0.11", "3.5", "10", "10", "524"]
+
+
 def test_find_stage_files_and_sampling(built_data):
     from metaalign_cli.training import find_stage_files, load_train_config, load_stage_data
 
@@ -364,6 +402,22 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         np.testing.assert_allclose(wb[k], wa[k], atol=1e-6, err_msg=k)
+    # The complete run resumed: nothing redone, nothing rewritten (the card keeps its GGUF keys).
+    before = {f: (a / f).read_bytes() for f in ("train_config.yaml", "metaalign.json")}
+    mtimes = {f: (a / f).stat().st_mtime_ns for f in before}
+    p = run_cli("train", "-c", str(cfg), "--data", str(built_data), "-m", str(tiny_dir), "-o", str(a), "--resume")
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert "already complete" in p.stderr.decode() and "nothing redone" in p.stderr.decode()
+    assert p.stdout.decode().strip() == str(a)
+    assert {f: (a / f).read_bytes() for f in before} == before
+    assert {f: (a / f).stat().st_mtime_ns for f in before} == mtimes
+    # Another result-shaping setting is refused with one line, and nothing is touched.
+    p = run_cli("train", "-c", str(cfg), "--data", str(built_data), "-m", str(tiny_dir), "-o", str(a), "--resume",
+                "--lora-r", "8")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "lora_r 8 (the run has 4)" in err
+    assert {f: (a / f).read_bytes() for f in before} == before
     # LoRA changed the model: B matrices start at zero.
     assert any(np.abs(v).max() > 0 for k, v in wa.items() if "lora_B" in k)
 

@@ -26,7 +26,12 @@ def register(app: typer.Typer) -> None:
 
     cli_spec.register(app, "train", TrainConfig, train_main, TRAIN_DOC,
                       "Train a corrector: warm-up, equal-preference, preference (section 3.3)", extras=(
-        cli_spec.flag("resume", "--resume", help="Continue the run in --output from its last checkpoint."),
+        cli_spec.flag("resume", "--resume", help="Continue the run in --output from its last checkpoint, with "
+                                                 "the settings it recorded in train_config.yaml: a setting not "
+                                                 "given (flag or --config key) is the run's, one given must equal "
+                                                 "it (else exit 2), except --device, --save-steps, "
+                                                 "--save-total-limit, --logging-steps, --report-to and "
+                                                 "--gradient-checkpointing. A complete run is left as it is."),
         cli_spec.flag("quiet", "--quiet", "-q", help="No progress bar or summary.")))
     app.command("export", cls=cli_spec.SectionedCommand,
                 short_help="Convert a trained corrector to GGUF (and install it)")(export_cmd)
@@ -45,10 +50,11 @@ def train_main(cfg, given: dict) -> None:
                 console.print(msg, markup=False)
 
         with _TrainProgress(quiet) as prog:
-            result = train_corrector(cfg, resume=bool(given.get("resume")), on_event=prog.event, log=say)
+            result = train_corrector(cfg, resume=bool(given.get("resume")), on_event=prog.event, log=say,
+                                     given=_settings_given(given))
     if not result.main_process:
         return  # another rank of a multi-process run: rank 0 reports
-    if not quiet:
+    if not quiet and not result.complete:  # (a complete run was reported by train_corrector)
         for r in result.reports:
             if r.skipped:
                 console.print(f"{r.stage}: skipped ({r.skipped})", markup=False)
@@ -61,6 +67,28 @@ def train_main(cfg, given: dict) -> None:
         for q, p in result.gguf.items():
             console.print(f"gguf {q}: {p}", markup=False)
     print(str(result.output_dir))
+
+
+def _settings_given(given: dict) -> set[str]:
+    """The TrainConfig fields the user set: the flags given, and the keys of the ``--config``
+    file (read again here: the generated command passes the flags only). What a ``--resume``
+    compares with the run's record; the rest is taken from it."""
+    import click
+
+    names = set(given)
+    ctx = click.get_current_context(silent=True)
+    path = ctx.params.get("config") if ctx is not None else None
+    if path:
+        from metaalign_cli.yamlfiles import load_yaml_mapping
+
+        names |= set(load_yaml_mapping(path, "config file", empty_ok=True))
+    return names
+
+
+def _rate(x: float) -> str:
+    """A tokens/s figure for the progress line: whole numbers from 10 up, else 2 significant
+    digits (a tiny model on a busy CPU runs at 0.11 target tok/s, which ``:.0f`` showed as 0)."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def export_cmd(
@@ -175,10 +203,10 @@ class _TrainProgress:
             elif kind == "step" and self.task is not None:
                 self.prog.update(self.task, completed=ev["step"])
             elif kind == "log" and self.task is not None:
-                self.prog.update(self.task, loss=f"{ev['loss']:.4f}", tps=f"{ev['target_tokens_per_s']:.0f}")
+                self.prog.update(self.task, loss=f"{ev['loss']:.4f}", tps=_rate(ev['target_tokens_per_s']))
             return
         if kind == "begin":
             console.print(f"{ev['stage']}: training {ev['max_steps']} steps", markup=False)
         elif kind == "log":
             console.print(f"{ev['stage']} step {ev['step']}/{ev['max_steps']} loss {ev['loss']:.4f} "
-                          f"lr {ev['lr']:.2e} {ev['target_tokens_per_s']:.0f} target tok/s", markup=False)
+                          f"lr {ev['lr']:.2e} {_rate(ev['target_tokens_per_s'])} target tok/s", markup=False)

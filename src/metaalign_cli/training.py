@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import yaml
 
 from metaalign_cli.config import Invalid, load_config, opt
-from metaalign_cli.correctors import TRAIN_CONFIG
+from metaalign_cli.correctors import MODEL_CARD, TRAIN_CONFIG
 from metaalign_cli.errors import ConfigError, InputError, MetaAlignError
 from metaalign_cli.gguf_types import GGUF_TYPES
 from metaalign_cli.stages import STAGES
@@ -169,6 +170,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+#: The :class:`TrainConfig` fields a ``train --resume`` may change: where the run is written
+#: and on what it runs, how often it checkpoints and what it logs, none of which changes the
+#: data, the trained weights or the files the run leaves (``device`` may switch ``precision
+#: auto`` between bf16 and fp32: resuming on another machine is allowed). Every other field
+#: shapes the run and must match the one the run recorded.
+RESUME_FREE = ("output_dir", "device", "gradient_checkpointing", "save_steps", "save_total_limit",
+               "logging_steps", "report_to")
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -531,6 +541,7 @@ class TrainResult:
     seconds: float
     gguf: dict[str, str] = field(default_factory=dict)
     main_process: bool = True  # False on the other ranks of a multi-process run (empty card)
+    complete: bool = False  # a resume found the run already complete and did nothing
 
 
 def _latest_checkpoint(d: Path) -> Path | None:
@@ -823,9 +834,141 @@ def _resume_plan(out: Path, stage_list: list[str], resume: bool, lora: bool, sta
     return plan
 
 
+def _show_setting(v: Any) -> str:
+    """A setting as a user writes it on the command line (``none``, ``true``, ``f16,q8_0``)."""
+    if v is None or v == []:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """The same file or directory: equal strings, or two existing paths to one place (a run
+    resumed from another working directory names its data by another relative path)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+_PATH_SETTINGS = ("base_model", "data_dir", "warmup_file", "equal_file", "preference_file")
+
+
+def _same_setting(key: str, now: Any, then: Any) -> bool:
+    """Whether setting ``key`` has the same meaning with value ``now`` as with ``then``: paths
+    by what they name (:func:`_same_path`), stages as a set (they always run in paper order),
+    the rest by value."""
+    if key == "stages":
+        return set(now) == set(then)
+    if key in _PATH_SETTINGS and now is not None and then is not None:
+        if isinstance(now, list):
+            return len(now) == len(then) and all(_same_path(a, b) for a, b in zip(now, then))
+        return _same_path(now, then)
+    return now == then
+
+
+def resume_config(cfg: TrainConfig, given: Collection[str] | None = None) -> TrainConfig:
+    """The config a ``--resume`` of the run in ``cfg.output_dir`` continues with: the run's
+    recorded ``train_config.yaml``, with the settings the caller set (``given``: field names
+    from CLI flags and the config file; None: every field of ``cfg``) checked against it. A
+    setting of :data:`RESUME_FREE` takes the caller's value; any other must have the run's,
+    and one not given is the run's. ``cfg`` itself when the directory records no config (no
+    run was started there).
+
+    Raises MetaAlignError naming the first differing setting with both values (a resume with
+    other settings would mix two runs in one model and rewrite the run's record), and
+    ConfigError when the recorded config does not load."""
+    out = Path(cfg.output_dir)
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return cfg
+    then = load_train_config(path)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    set_now = names if given is None else [k for k in names if k in set(given)]
+    merged = {"output_dir": cfg.output_dir}
+    for key in set_now:
+        if key == "output_dir":
+            continue
+        now, old = getattr(cfg, key), getattr(then, key)
+        if key not in RESUME_FREE and not _same_setting(key, now, old):
+            raise MetaAlignError(f"{out}: --resume with other settings than the run was started with: {key} "
+                                 f"{_show_setting(now)} (the run has {_show_setting(old)}); give the same flags, "
+                                 f"or another -o")
+        merged[key] = now
+    resumed = dataclasses.replace(then, **merged)
+    resumed.validate()
+    return resumed
+
+
+def _card_exports(out: Path) -> dict[str, str]:
+    """The GGUF entries (``gguf``, ``lora``, ``gguf_lora``) of ``out``'s model card whose files
+    are still there ({} without a readable card); paths as the card holds them."""
+    try:
+        card = json.loads((out / MODEL_CARD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(card, dict):
+        return {}
+    return {k: v for k, v in card.items() if k in ("gguf", "lora", "gguf_lora") and isinstance(v, str)
+            and (v == "embedded" or (out / v).is_file())}
+
+
+def completed_run(cfg: TrainConfig, stage_list: list[str]) -> TrainResult | None:
+    """The result of the run in ``cfg.output_dir`` when it is complete for ``cfg`` (the
+    resumed config, :func:`resume_config`), else None. Complete: every stage of
+    ``stage_list`` has its ``stage.json`` (or has no rows in ``cfg``'s data, read only then),
+    the model card is no older than the newest ``stage.json`` (written after the final model
+    and merge), the top holds model weights, ``loss.png`` is there with ``cfg.plot``, and
+    with ``cfg.export_gguf`` each type's ``gguf/*-<type>.gguf`` exists and the card names its
+    GGUF files (``gguf_lora`` too for a LoRA run), which export writes last. Reads only."""
+    out = Path(cfg.output_dir)
+    card_path = out / MODEL_CARD
+    done = {s: out / "stages" / s / STAGE_DONE for s in stage_list}
+    present = {s: f for s, f in done.items() if f.is_file()}
+    if not present or not card_path.is_file() or not any(out.glob("*.safetensors")):
+        return None
+    if card_path.stat().st_mtime < max(f.stat().st_mtime for f in present.values()):
+        return None  # a stage was trained again after the card: the final model is not made yet
+    if cfg.plot and not (out / "loss.png").is_file():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if cfg.export_gguf:
+        exports = _card_exports(out)
+        if "gguf" not in exports or (cfg.lora_r is not None and "gguf_lora" not in exports):
+            return None
+        if any(not any((out / "gguf").glob(f"*-{t}.gguf")) for t in cfg.export_gguf):
+            return None
+    missing = [s for s in stage_list if s not in present]
+    data = load_stage_data(cfg) if missing else {}
+    if any(data[s] for s in missing):
+        return None
+    reports = []
+    for stage in stage_list:
+        rep = StageReport(stage, skipped="done in an earlier run" if stage in present else "no data")
+        if stage in present:
+            info = json.loads(present[stage].read_text(encoding="utf-8"))
+            for k in ("rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss",
+                      "seconds"):
+                if k in info:
+                    setattr(rep, k, info[k])
+        reports.append(rep)
+    # Under a launcher every rank finds the run complete; rank 0 reports.
+    main = os.environ.get("RANK", "0") == "0"
+    return TrainResult(out, reports, card, 0.0, main_process=main, complete=True)
+
+
 def train_corrector(cfg: TrainConfig, resume: bool = False,
                     on_event: Callable[[dict], None] | None = None,
-                    log: Callable[[str], None] | None = None) -> TrainResult:
+                    log: Callable[[str], None] | None = None,
+                    given: Collection[str] | None = None) -> TrainResult:
     """Run the three-step MetaAligner training (section 3.3) on ``cfg`` and write
     ``cfg.output_dir``:
 
@@ -844,19 +987,34 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     stage's saved weights after a barrier, while the other ranks return at once (their
     result has ``main_process`` False and an empty card).
 
-    ``resume``: skip finished stages (their weights are reloaded) and continue the current
-    stage from its latest complete checkpoint (optimizer, schedule, RNG and data position
-    restored). ``on_event``: receives dicts (event begin/step/log/stage/skip) for progress
-    display, on the main process only; ``log`` likewise.
+    ``resume``: continue with the settings the run recorded (:func:`resume_config`; ``given``:
+    the names of the settings the caller set, CLI flags and config-file keys, the others are
+    the run's; None: all of ``cfg``), leaving ``train_config.yaml`` as the run wrote it; skip
+    finished stages (their weights are reloaded) and continue the current stage from its
+    latest complete checkpoint (optimizer, schedule, RNG and data position restored). A run
+    already complete (:func:`completed_run`) is left untouched: the result has ``complete``
+    True and no model loads. ``on_event``: receives dicts (event begin/step/log/stage/skip)
+    for progress display, on the main process only; ``log`` likewise.
 
-    Raises InputError/ConfigError/MetaAlignError for bad data, config or model, and
-    MetaAlignError when ``output_dir`` already holds a run and ``resume`` is false.
+    Raises InputError/ConfigError/MetaAlignError for bad data, config or model,
+    MetaAlignError when ``output_dir`` already holds a run and ``resume`` is false, and when
+    ``resume`` is given settings other than the run's.
     """
     say = log or (lambda m: None)
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     if out.exists() and (out / "stages").exists() and not resume:
         raise MetaAlignError(f"{out}: already holds a training run; use --resume to continue it or another --output")
+    recorded = resume and (out / CONFIG_FILE).is_file()
+    if resume:
+        cfg = resume_config(cfg, given)
+        finished = completed_run(cfg, [s for s in STAGES if s in cfg.stages])
+        if finished is not None:
+            exported = f" and GGUF {','.join(cfg.export_gguf)}" if cfg.export_gguf else ""
+            say(f"{out}: the run is already complete ({', '.join(cfg.stages)} trained; model, card{exported} "
+                f"written); nothing redone")
+            finished.seconds = round(time.perf_counter() - t_start, 2)
+            return finished
     # Cheap checks first: bad data or a missing model file fail before torch loads.
     data = load_stage_data(cfg)
     from metaalign_cli.models import resolve_base_model
@@ -923,7 +1081,8 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
 
     def prepare_output():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / CONFIG_FILE)
+        if not recorded:  # a resumed run's record stays the one it was started with
+            save_config(cfg, out / CONFIG_FILE)
         if not resume:
             metrics_path.unlink(missing_ok=True)
 
@@ -1002,6 +1161,7 @@ def finalize_run(tok, cfg: TrainConfig, out: Path, template: str, prompt_format:
     the final model and card from ``weights_dir`` (:func:`save_final_model`), ``loss.png``
     with ``cfg.plot``, the GGUF files of ``cfg.export_gguf``. Returns (card, {type: gguf
     path}). Raises MetaAlignError."""
+    earlier = _card_exports(out)
     card = save_final_model(tok, cfg, out, template, prompt_format, base, lora, weights_dir, training)
     metrics_path = out / METRICS_FILE
     if cfg.plot and metrics_path.is_file():
@@ -1011,7 +1171,15 @@ def finalize_run(tok, cfg: TrainConfig, out: Path, template: str, prompt_format:
         from metaalign_cli.export import export_gguf
 
         gguf = export_gguf(out, cfg.export_gguf, log=log)
-        card = json.loads((out / "metaalign.json").read_text(encoding="utf-8"))
+        card = json.loads((out / MODEL_CARD).read_text(encoding="utf-8"))
+    elif earlier:
+        # A resumed run keeps the card's GGUF entries of an earlier `metaalign export` (same
+        # settings, same model): without them `correct --model DIR` would leave llama-cpp.
+        card.update(earlier)
+        (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if log:
+            log(f"{out}: the card keeps the GGUF files of its earlier export ({', '.join(sorted(set(earlier.values())))}"
+                f"); `metaalign export {out}` remakes them from this model")
     return card, gguf
 
 
@@ -1148,8 +1316,6 @@ def save_final_model(tok, cfg: TrainConfig, out: Path, template: str, prompt_for
             card["merged_dtype"] = merged_dtype
     if training:
         card["training"] = training
-    from metaalign_cli.correctors import MODEL_CARD
-
     (out / MODEL_CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return card
 
