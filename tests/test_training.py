@@ -149,13 +149,13 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     y.write_text("learning_rte: 1e-4\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rte' \(did you mean 'learning_rate'\?\)"):
         load_train_config(y)
-    y.write_text("batch_size: two\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="key 'batch_size'"):
+    y.write_text("lora_r: 8\nbatch_size: two\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"t.yaml: line 2: key 'batch_size': expected an integer: 'two'$"):
         load_train_config(y)
     with pytest.raises(ConfigError, match="--stages must be one of warmup, equal, preference, not 'sft'"):
         load_train_config(None, {"stages": "warmup,sft"})
     y.write_text("export_gguf: [bf16]\n", encoding="utf-8")  # a type export cannot write fails here, not after training
-    with pytest.raises(ConfigError, match=r"t.yaml: key 'export_gguf': must be one of f32, f16, q4_0, q8_0"):
+    with pytest.raises(ConfigError, match=r"t.yaml: line 1: key 'export_gguf': must be one of f32, f16, q4_0, q8_0"):
         load_train_config(y)
     assert isinstance(cfg, TrainConfig)
     # The shipped example config loads.
@@ -230,10 +230,10 @@ def _err_line(p) -> str:
 
 def test_cli_bad_input_one_line_exit_2(tmp_path, built_data, tiny_dir):
     y = tmp_path / "c.yaml"
-    y.write_text("max_lenght: 10\n", encoding="utf-8")
+    y.write_text("lora_r: 8\n\nmax_lenght: 10\n", encoding="utf-8")
     p = run_cli("train", "--config", str(y), "--data", str(built_data))
     assert p.returncode == 2
-    assert _err_line(p) == f"error: {y}: unknown key 'max_lenght' (did you mean 'max_length'?)"
+    assert _err_line(p) == f"error: {y}: line 3: unknown key 'max_lenght' (did you mean 'max_length'?)"
 
     p = run_cli("train", "--equal", str(tmp_path / "nope.jsonl"), "-m", str(tiny_dir), "-o", str(tmp_path / "o1"))
     assert p.returncode == 2 and _err_line(p) == f"error: {tmp_path / 'nope.jsonl'}: data file not found"

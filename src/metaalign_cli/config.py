@@ -171,21 +171,28 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     ``validate()`` when it has one (raising :class:`Invalid`). Raises ConfigError for an
     unreadable file, invalid YAML, an unknown key (the closest known key suggested), a value
     of the wrong type, out of range or not allowed: naming the flag when the value came from
-    ``overrides`` (``--quant must be one of ...``), else the file and key.
+    ``overrides`` (``--quant must be one of ...``), else the file, the key's line and the key
+    (``t.yaml: line 3: key 'batch_size': expected an integer: 'x'``).
     """
     names = [f.name for f in dataclasses.fields(cls)]
     data: dict[str, Any] = {}
     src = str(path) if path else "config"
     if path:
-        from metaalign_cli.yamlfiles import load_yaml_mapping
+        from metaalign_cli.yamlfiles import key_where, load_yaml_mapping
 
         data.update(load_yaml_mapping(path, "config file", empty_ok=True))
+
+        def where(key: str) -> str:  # "file: line N" of a key the file holds
+            return key_where(path, key)[:-1]
+    else:
+        def where(key: str) -> str:
+            return src
     for k in data:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{src}: unknown key '{k}'{hint}")
-    data = {k: coerce(cls, k, v, src) for k, v in data.items()}  # checked even where a flag overrides it
+            raise ConfigError(f"{where(str(k))}: unknown key '{k}'{hint}")
+    data = {k: coerce(cls, k, v, where(k)) for k, v in data.items()}  # checked even where a flag overrides it
     data.update({k: coerce(cls, k, v, None) for k, v in (overrides or {}).items() if v is not None})
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for k, v in list(data.items()):
@@ -202,7 +209,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     except Invalid as e:
         if not path or (e.key in (overrides or {}) and overrides[e.key] is not None):
             raise ConfigError(f"{flag_of(cls, e.key)} {e.message}") from None
-        raise ConfigError(f"{src}: key '{e.key}': {e.message}") from None
+        raise ConfigError(f"{where(e.key)}: key '{e.key}': {e.message}") from None
     return cfg
 
 
