@@ -116,8 +116,8 @@ def test_cap_hits_are_counted_and_usage_errors(tmp_path, scripted_backend):
             input='{"query": "q", "response": "a"}\n')
     assert r.returncode == 2 and str(cfg) in r.stderr.decode() and "max_new_tokens" in r.stderr.decode()
     # ... in one line that says what was expected and shows the value once
-    for text, msg in (("batch_size: abc\n", "key 'batch_size': expected an integer: 'abc'"),
-                      ("temperature: [1]\n", "key 'temperature': expected a number: [1]")):
+    for text, msg in (("batch_size: abc\n", "line 1: key 'batch_size': expected an integer: 'abc'"),
+                      ("temperature: [1]\n", "line 1: key 'temperature': expected a number: [1]")):
         cfg.write_text(text, encoding="utf-8")
         r = cli("correct", "-b", "scripted", "-O", "helpful", "-c", str(cfg), input="")
         assert r.returncode == 2 and r.stderr.decode().strip() == f"error: {cfg}: {msg}"
