@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The shipped corrector (corrector-p, RECIPE=p) and the one before it (corrector-o, the default
-# RECIPE; docs/corrector.md) from nothing but ../shared/data, in one command, run from the
+# RECIPE; docs/corrector.md; corrector-q, RECIPE=q, was tried at stop 25 and is not shipped) from nothing but ../shared/data, in one command, run from the
 # repository root:
 #
 #   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
