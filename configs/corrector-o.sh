@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The shipped corrector (corrector-p, RECIPE=p) and the one before it (corrector-o, the default
-# RECIPE; docs/corrector.md; corrector-q, RECIPE=q, was tried at stop 25 and is not shipped) from nothing but ../shared/data, in one command, run from the
-# repository root:
+# RECIPE; docs/corrector.md) from nothing but ../shared/data, in one command, run from the
+# repository root (q and r are recipes tried after p, not shipped):
 #
 #   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
 #   STEPS="data train" bash configs/corrector-o.sh   # only some steps (dev data train correct tasks)
 #   SMOKE=1 OUT=/tmp/o bash configs/corrector-o.sh   # the same commands on 3 rows each, 2 training steps
 #   RECIPE=p bash configs/corrector-o.sh   # corrector-p (configs/corrector-p.yaml): o with no refusal fix targets
 #   RECIPE=q bash configs/corrector-o.sh   # corrector-q (configs/corrector-q.yaml): p and 40 rows that drop the weak tic
+#   RECIPE=r bash configs/corrector-o.sh   # corrector-r (configs/corrector-r.yaml): q's rows, a fourth epoch
 #
 # Every step writes under $OUT (default out/, git-ignored) and resumes: a weak-answer file that
 # is complete is not redone (bench/weak_policy.py --resume), nor a correction (`correct` resumes).
@@ -42,7 +43,8 @@ case "$RECIPE" in
   o) FIX_REFUSALS=0.1 ;;   # at most 10% of each fix/pref part's targets open with a refusal
   p) FIX_REFUSALS=0 ;;     # none do
   q) FIX_REFUSALS=0; TICS=40 ;;  # p and 40 fix rows whose weak answer opens with the weak policy's tic
-  *) echo "RECIPE is o, p or q" >&2; exit 2 ;;
+  r) FIX_REFUSALS=0; TICS=40 ;;  # q's mix; its config trains a fourth epoch
+  *) echo "RECIPE is o, p, q or r" >&2; exit 2 ;;
 esac
 NAME="corrector-$RECIPE"
 RUN="$OUT/runs/$NAME"

@@ -38,3 +38,16 @@ def test_a_sentence_split_never_breaks_inside_a_name():
     text = ("I apologize, but I do not know when or if JFK Jr. will return. Claims about his return are "
             "conspiracy theories with no credible evidence, so I would suggest reputable news sources for the facts instead.")
     assert corrector_data.decline_target(text).startswith("Claims about his return")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_recipe_config_loads_as_a_train_config(path):
+    # A recipe in configs/ is what docs/corrector.md tells people to run; one that drifted from
+    # TrainConfig's keys (renamed or removed knob) would fail only after the data step's hour.
+    from metaalign_cli.training import load_train_config
+    cfg = load_train_config(path)
+    # its run directory is the recipe's name in docs/corrector.md (corrector.yaml is corrector-a)
+    named = {"corrector.yaml": "runs/corrector-a", "train.yaml": "runs/smollm2-metaaligner"}
+    assert cfg.output_dir == named.get(path.name, f"runs/{path.stem}")
+    assert cfg.template == "hh-rlhf"
