@@ -19,7 +19,7 @@ class ScriptedBackend(Backend):
     """Answers ``"fixed-<8 hex of the prompt>"`` (or ``answer``), one "token" per word. A
     prompt containing ``FAIL`` fails with a BackendError; ``NULL`` gives a Generation whose
     text is None (a server answering ``"text": null``); ``EMPTY`` an empty text; ``LONG``
-    ``max_new_tokens`` words, finish reason ``length``; ``LOOP`` a looping text, finish reason
+    ``max_new_tokens`` words, finish reason ``length``; ``ECHO`` ``"ECHO | Edit: Hello!"``; ``LOOP`` a looping text, finish reason
     ``loop``. Every call's
     prompts are recorded in ``ScriptedBackend.calls`` and each construction (a model load) counts
     in ``ScriptedBackend.loads`` (class attributes, reset per test)."""
@@ -55,6 +55,9 @@ class ScriptedBackend(Backend):
             if "LOOP" in p.text:  # stopped by the loop guard, as a backend cuts it: mid-word
                 text = "Sure. I can help with that. I can help with that. I can help with that. I can he"
                 out.append(Generation(text, self.count_prompt_tokens(p), len(text.split()), "loop"))
+                continue
+            if "ECHO" in p.text:  # echoes the answer, then writes the template's edit label and an edit
+                out.append(Generation("ECHO | Edit: Hello!", self.count_prompt_tokens(p), 4, "stop"))
                 continue
             if "LONG" in p.text:  # runs to the cap
                 out.append(Generation(" ".join(["long"] * settings.max_new_tokens), self.count_prompt_tokens(p),

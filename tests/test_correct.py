@@ -669,7 +669,7 @@ def test_resume_redoes_a_kept_failure_and_it_fails_again(tmp_path):
     assert r.returncode == 1 and [("error" in o) for o in lines(out.read_bytes())] == [False, True]
     r = run_cli(*args, "--resume", input=data)
     assert r.returncode == 1, r.stderr.decode()
-    assert "1 failed, 1 already done (1 kept as failed by the earlier run, redone)" in r.stderr.decode()
+    assert "1 failed, 1 already done, 1 redone (kept as failed by the earlier run)" in r.stderr.decode()
     assert [(o["id"], "error" in o) for o in lines(out.read_bytes())] == [("a", False), ("b", True)]
 
 

@@ -280,3 +280,18 @@ def test_a_replaced_builtin_and_a_misspelt_rendering_key_are_named(tmp_path):
     r = cli("correct", str(inp), "-O", "harmless", "--objectives-dir", str(d), "-t", "hh-rlhf", "--dry-run")
     err = r.stderr.decode()
     assert r.returncode == 0 and f"warning: {notes[0]}" in err and f"warning: {notes[1]}" in err, err
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Hola | Edit: Hello!", "Hello!"),          # echoed the answer, then the edit: the edit
+    ("caballo |", "caballo"),                   # a lone start of a label at the end
+    ("Sure, here it is. | Ed", "Sure, here it is."),
+    ("to help the user | Context:", "to help the user"),
+    ("Fine | Edit:", "Fine"),                   # nothing after the edit label: what came before
+    ("| a | b |\n| 1 | 2 |", "| a | b |\n| 1 | 2 |"),  # a Markdown table keeps its pipes
+    ("Use a | b, then c.", "Use a | b, then c."),
+])
+def test_a_generation_is_cut_at_the_prompts_field_labels(text, want):
+    # The shipped corrector wrote "Hola | Edit: Hello!" and "caballo |" for two short records
+    # (twelfth new-user trial); nothing flagged them.
+    assert load_template("hh-rlhf").cut_markers(text) == want

@@ -762,3 +762,13 @@ def test_a_hub_id_that_cannot_load_fails_at_once(tmp_path):
     err = r.stderr.decode()
     assert r.returncode == 2 and "error: nosuchmodel: no such model (" in err and "the hub has no such repository, " \
         "or it is private or gated: `hf auth login`)" in err, err
+
+
+def test_the_templates_field_labels_are_cut_counted_and_flagged(scripted_backend):
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "-t", "hh-rlhf",
+            input='{"query": "Say hello in French.", "response": "ECHO"}\n{"query": "q", "response": "a"}\n')
+    assert r.returncode == 0, r.stderr.decode()
+    got = rows(r.stdout)
+    assert got[0]["corrected"] == "Hello!" and got[0]["metaalign"]["markers_cut"] is True
+    assert "markers_cut" not in got[1]["metaalign"]
+    assert ", 1 cut at the prompt's field labels;" in r.stderr.decode()

@@ -259,8 +259,8 @@ def test_resume_redoes_records_kept_as_failed_and_restores_input_order(tmp_path)
         r = run_cli(*args, "--resume", input=records(4))
         err = r.stderr.decode()
         assert r.returncode == 0, err
-        assert "corrected 2 record(s) (0 unchanged), 0 failed, 2 already done (2 kept as failed by the earlier run, " \
-            "redone)" in err, err
+        assert "corrected 2 record(s) (0 unchanged), 0 failed, 2 already done, 2 redone (kept as failed by the " \
+            "earlier run)" in err, err
         got = lines(out.read_bytes())
         assert [(o["id"], o["corrected"], "error" in o) for o in got] == [
             ("r0", "fixed 0", False), ("r1", "fixed 1", False), ("r2", "fixed 2", False), ("r3", "fixed 3", False)]

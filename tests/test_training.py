@@ -479,3 +479,29 @@ def test_lora_resume_from_mid_stage_checkpoint_matches_uninterrupted(tmp_path, b
     assert json.loads(direct.stdout)["corrected"] == json.loads(dflt.stdout)["corrected"]
     zero = run_cli(*args, "--model", "smollm2", input=rec, env=env)
     assert zero.returncode == 0 and json.loads(zero.stdout)["metaalign"]["prompt_format"] == "chat"
+
+
+def test_resume_of_a_run_with_a_stage_skipped_as_too_long_leaves_it_untouched(tmp_path, tiny_dir):
+    # A stage whose every row is over max_length writes no stage.json; the card records it, so a
+    # --resume of the complete run did not redo the merge and export (twelfth new-user trial).
+    long_row = {"prompt": "word " * 300, "target": "t"}
+    warm, pref = tmp_path / "warm.jsonl", tmp_path / "pref.jsonl"
+    warm.write_text(json.dumps(long_row) + "\n", encoding="utf-8")
+    pref.write_text("".join(json.dumps({"prompt": f"Q{i}: say hi", "target": "hi"}) + "\n" for i in range(4)),
+                    encoding="utf-8")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 1\nbatch_size: 2\nmax_length: 64\nplot: false\nlora_r: 2\nlora_alpha: 4\n",
+                   encoding="utf-8")
+    out = tmp_path / "run"
+    args = ("train", "-c", str(cfg), "--warmup", str(warm), "--preference", str(pref), "-m", str(tiny_dir),
+            "-o", str(out))
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert "warmup: skipped (every sequence longer than max_length)" in p.stderr.decode()
+    card = json.loads((out / "metaalign.json").read_text())
+    assert card["training"]["skipped_too_long"] == ["warmup"]
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.is_file()}
+    p = run_cli(*args, "--resume")
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert "already complete" in p.stderr.decode() and "nothing redone" in p.stderr.decode()
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.is_file()} == mtimes

@@ -125,8 +125,9 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         say(f"wrote {report.prompts} prompt(s), {report.failed} record(s) failed (--dry-run: no model loaded)")
     elif not cfg.quiet:
         s = report.to_dict()
-        earlier = f" ({report.retried} kept as failed by the earlier run, redone)" if report.retried else ""
+        earlier = f", {report.retried} redone (kept as failed by the earlier run)" if report.retried else ""
         empty = f", {report.empty} empty" if report.empty else ""
+        empty += f", {report.markers_cut} cut at the prompt's field labels" if report.markers_cut else ""
         trimmed = f" ({report.trimmed} cut back to before the repetition)" if report.trimmed else ""
         rates = (f"; {report.corrected / report.seconds:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s"
                  if report.corrected and report.seconds else "")  # (no rate of failures alone)

@@ -74,7 +74,8 @@ class CorrectionReport:
     ``generated_tokens``, ``seconds``; ``trimmed``: loops cut back by ``--on-loop trim``;
     ``prompts``: prompts written by ``--dry-run``; ``unchanged``: corrections equal to the
     response (whitespace at the ends aside: an answer already good is kept); ``retried``: records an earlier
-    ``--on-error keep`` run kept as failed, redone by ``--resume``."""
+    ``--on-error keep`` run kept as failed, redone by ``--resume``; ``markers_cut``: corrections
+    cut at the prompt's own field labels (:meth:`~metaalign_cli.templates.CorrectionTemplate.cut_markers`)."""
 
     written: int = 0
     corrected: int = 0
@@ -89,6 +90,7 @@ class CorrectionReport:
     generated_tokens: int = 0
     seconds: float = 0.0
     retried: int = 0
+    markers_cut: int = 0
     errors: list[str] = field(default_factory=list)
     model: str = ""
     prompts: int = 0
@@ -104,6 +106,7 @@ class CorrectionReport:
         return {"written": self.written, "corrected": self.corrected, "unchanged": self.unchanged, "failed": self.failed,
                 "resumed": self.resumed, "retried": self.retried, "truncated": self.truncated,
                 "looped": self.looped, "trimmed": self.trimmed, "capped": self.capped, "empty": self.empty,
+                "markers_cut": self.markers_cut,
                 "generated_tokens": self.generated_tokens,
                 "seconds": round(s, 3), "records_per_s": round(self.written / s, 3) if s else None,
                 "tokens_per_s": round(self.generated_tokens / s, 2) if s else None, "model": self.model}
@@ -278,10 +281,12 @@ def prepare_records(records: Iterable[SourceRecord], opts: CorrectionOptions,
 
 
 def template_sha(template: CorrectionTemplate) -> str:
-    """Fingerprint of a correction template's text (its variants, format, system message and,
-    when not ``as-is``, how it frames a plain query)."""
+    """Fingerprint of a correction template's text (its variants, format, system message,
+    when not ``as-is`` how it frames a plain query, and its ``markers`` when it has some)."""
     framing = [template.plain_query] if template.plain_query != "as-is" else []
-    return text_sha(json.dumps([template.better, template.equal, template.prompt_format, template.system] + framing))
+    markers = [list(template.markers)] if template.markers else []  # (they change what is written)
+    return text_sha(json.dumps([template.better, template.equal, template.prompt_format, template.system]
+                               + framing + markers))
 
 
 def objectives_sha(objectives: list[Objective], opts: CorrectionOptions) -> str:
@@ -378,6 +383,9 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
             cut = trim_loop(text)
             trimmed = cut != text
             text = cut
+        unmarked = opts.template.cut_markers(text)
+        marked = unmarked != text
+        text = unmarked
         out[opts.output_field] = text
         prov = {**provenance_base, "objectives": it.objective_names,
                 "objectives_sha": objectives_sha(it.objectives, opts), "input_line": it.rec.line,
@@ -385,6 +393,9 @@ def correct_prepared(items: list[PreparedRecord], backend: Backend, opts: Correc
         if trimmed:
             prov["loop_trimmed"] = True
             report.trimmed += 1
+        if marked:
+            prov["markers_cut"] = True
+            report.markers_cut += 1
         if opts.scale_to_response:
             prov["max_new_tokens"] = it.settings.max_new_tokens
         if not text:

@@ -77,6 +77,9 @@ class CorrectionTemplate(_TemplateBase):
     ``plain_query``: what a question that is not a dialogue (no ``Human:`` turn) becomes:
     ``as-is``, or ``human-turn``, one turn ``"\\n\\nHuman: <question>\\n\\nAssistant:"``
     (hh-rlhf: the form its checkpoints and `metaalign train`'s data see every query in).
+    ``markers``: the prompt's own field labels (``"| Answer:"``, ``"| Edit:"``), the last
+    being the one the edit follows; a generation that writes them is cut
+    (:meth:`cut_markers`).
     """
 
     kind: Literal["correction"] = "correction"
@@ -84,12 +87,38 @@ class CorrectionTemplate(_TemplateBase):
     equal: str
     context: Literal["dialogue"] = "dialogue"
     plain_query: Literal["as-is", "human-turn"] = "as-is"
+    markers: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check(self):
         for key in ("better", "equal"):
             _check_placeholders(getattr(self, key), CORRECTION_FIELDS, key, CORRECTION_FIELDS)
         return self
+
+    def cut_markers(self, text: str) -> str:
+        """``text`` (a generation) without the prompt's field labels it went on to write: a
+        small corrector sometimes echoes the answer and then writes ``| Edit: <edit>`` (the edit
+        is what follows the last edit label), or ends a correction with ``| Context:`` or a lone
+        ``|`` (cut there). A trailing start of a label is only cut when it is its line's one
+        ``|`` (so a Markdown table row keeps its last ``|``). Returns ``text`` unchanged when
+        the template has no ``markers`` or the text holds none."""
+        if not self.markers:
+            return text
+        edit = self.markers[-1]
+        if edit in text:
+            after = text.rsplit(edit, 1)[1].strip()
+            text = after or text
+        for m in self.markers:
+            if m in text:
+                text = text[:text.index(m)]
+        text = text.rstrip()
+        last_line = text.rsplit("\n", 1)[-1]
+        for m in self.markers:
+            for k in range(len(m) - 1, 0, -1):
+                part = m[:k].rstrip()
+                if part and text.endswith(" " + part) and last_line.count("|") == 1:
+                    return text[:-len(part)].rstrip()
+        return text.strip()
 
     def render(self, question: str, answer: str, aspects: str,
                variant: Literal["better", "equal"] = "better") -> str:

@@ -921,7 +921,8 @@ def _card_exports(out: Path) -> dict[str, str]:
 def completed_run(cfg: TrainConfig, stage_list: list[str]) -> TrainResult | None:
     """The result of the run in ``cfg.output_dir`` when it is complete for ``cfg`` (the
     resumed config, :func:`resume_config`), else None. Complete: every stage of
-    ``stage_list`` has its ``stage.json`` (or has no rows in ``cfg``'s data, read only then),
+    ``stage_list`` has its ``stage.json`` (or has no rows in ``cfg``'s data, read only then, or
+    is recorded in the card's ``training.skipped_too_long``: every sequence over max_length),
     the model card is no older than the newest ``stage.json`` (written after the final model
     and merge), the top holds model weights, ``loss.png`` is there with ``cfg.plot``, and
     with ``cfg.export_gguf`` each type's ``gguf/*-<type>.gguf`` exists and the card names its
@@ -946,13 +947,15 @@ def completed_run(cfg: TrainConfig, stage_list: list[str]) -> TrainResult | None
             return None
         if any(not any((out / "gguf").glob(f"*-{t}.gguf")) for t in cfg.export_gguf):
             return None
-    missing = [s for s in stage_list if s not in present]
+    too_long = set((card.get("training") or {}).get("skipped_too_long") or [])
+    missing = [s for s in stage_list if s not in present and s not in too_long]
     data = load_stage_data(cfg) if missing else {}
     if any(data[s] for s in missing):
         return None
     reports = []
     for stage in stage_list:
-        rep = StageReport(stage, skipped="done in an earlier run" if stage in present else "no data")
+        rep = StageReport(stage, skipped="done in an earlier run" if stage in present else
+                          "every sequence longer than max_length" if stage in too_long else "no data")
         if stage in present:
             info = json.loads(present[stage].read_text(encoding="utf-8"))
             for k in ("rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss",
@@ -1145,6 +1148,9 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     if last_weights is None:
         raise MetaAlignError(f"{out}: no stage was trained (every stage skipped), nothing to save")
     training = {**process_info(state), "device": device, "precision": precision, "attn_implementation": attn}
+    too_long = [r.stage for r in reports if r.skipped == "every sequence longer than max_length"]
+    if too_long:  # recorded, so --resume finds the run complete (such a stage writes no stage.json)
+        training["skipped_too_long"] = too_long
     # Everything after training happens on the main process, once every rank has finished
     # (the barrier); the other ranks are done and return without waiting for the export.
     state.wait_for_everyone()
