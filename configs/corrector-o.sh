@@ -78,7 +78,7 @@ fi
 
 if has train; then
   log "training -> $RUN"
-  metaalign train -c "configs/$NAME.yaml" --data "$OUT/corrector-mix-$RECIPE" -o "$RUN" "${TRAIN_EXTRA[@]}"
+  metaalign train -c "configs/$NAME.yaml" --data "$OUT/corrector-mix-$RECIPE" -o "$RUN" --resume "${TRAIN_EXTRA[@]}"
   # the shipped form: the f16 GGUF LoRA (export_gguf in the config) on the embedded base, installed
   # under its own name in a home of its own (so the user's `default` is left as it is)
   METAALIGN_HOME="$OUT/home" metaalign export "$RUN" --install "$NAME"
