@@ -93,7 +93,11 @@ def test_suggestions_weigh_the_stem_and_the_first_letter(objset, typed, hint):
 def test_objective_file_errors(tmp_path):
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\ndescripton: typo\n")
-    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'descripton' \(allowed: name, "):
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'descripton' \(did you mean 'description'\?\)$"):
+        load_objective_file(bad)
+    bad.write_text("name: x\nweight: 2\n")  # nothing close: the keys a file may hold
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'weight' \(allowed: name, aliases, label, "
+                                          r"description, renderings\)$"):
         load_objective_file(bad)
     bad.write_text("name: x\n\ndescription: ''\n")  # a schema error names the key's line
     with pytest.raises(ConfigError, match=r"x.yaml: line 3: key 'description': must not be empty$"):

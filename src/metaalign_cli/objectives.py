@@ -71,6 +71,9 @@ class Objective(BaseModel):
         return f"{self.marker}: {self.description}"
 
 
+_OBJECTIVE_KEYS = tuple(k for k in Objective.model_fields if k != "source")  # what a file may hold
+
+
 def load_objective_file(path: str | Path) -> Objective:
     """Load and validate one objective YAML file.
 
@@ -81,9 +84,11 @@ def load_objective_file(path: str | Path) -> Objective:
     data = load_yaml_mapping(path, "objective file")
     data.setdefault("name", path.stem)
     unknown = [k for k in data if k not in Objective.model_fields or k == "source"]
-    allowed = " (allowed: name, aliases, label, description, renderings)"
+    allowed = f" (allowed: {', '.join(_OBJECTIVE_KEYS)})"
     if unknown:
-        raise ConfigError(f"{key_where(path, unknown[0])} unknown key '{unknown[0]}'{allowed}")
+        close = difflib.get_close_matches(str(unknown[0]), _OBJECTIVE_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else allowed
+        raise ConfigError(f"{key_where(path, unknown[0])} unknown key '{unknown[0]}'{hint}")
     if isinstance(data.get("aliases"), str):
         data["aliases"] = [data["aliases"]]
     try:
