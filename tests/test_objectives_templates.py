@@ -96,8 +96,8 @@ def test_objective_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'descripton' \(did you mean 'description'\?\)$"):
         load_objective_file(bad)
     bad.write_text("name: x\nweight: 2\n")  # nothing close: the keys a file may hold
-    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'weight' \(allowed: name, aliases, label, "
-                                          r"description, renderings\)$"):
+    with pytest.raises(ConfigError, match=r"x.yaml: line 2: unknown key 'weight' \(allowed: name, description, aliases, "
+                                          r"label, renderings\)$"):
         load_objective_file(bad)
     bad.write_text("name: x\n\ndescription: ''\n")  # a schema error names the key's line
     with pytest.raises(ConfigError, match=r"x.yaml: line 3: key 'description': must not be empty$"):
