@@ -61,7 +61,7 @@ def train_main(cfg, given: dict) -> None:
             else:
                 loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "n/a"
                 console.print(f"{r.stage}: {r.kept} of {r.rows} rows ({r.dropped_too_long} dropped, {r.truncated} "
-                              f"truncated), {r.steps} step{'s' if r.steps != 1 else ''}, final loss {loss}, {r.seconds:.1f}s", markup=False)
+                              f"truncated), {_steps(r.steps)}, final loss {loss}, {r.seconds:.1f}s", markup=False)
         console.print(f"trained corrector written to {result.output_dir} in {result.seconds:.1f}s "
                       f"(template {result.card['template']}, {result.card['prompt_format']} prompts)", markup=False)
         for q, p in result.gguf.items():
@@ -83,6 +83,11 @@ def _settings_given(given: dict) -> set[str]:
 
         names |= set(load_yaml_mapping(path, "config file", empty_ok=True))
     return names
+
+
+def _steps(n: int) -> str:
+    """``"1 step"``, ``"308 steps"``."""
+    return f"{n} step{'' if n == 1 else 's'}"
 
 
 def _rate(x: float) -> str:
@@ -206,7 +211,7 @@ class _TrainProgress:
                 self.prog.update(self.task, loss=f"{ev['loss']:.4f}", tps=_rate(ev['target_tokens_per_s']))
             return
         if kind == "begin":
-            console.print(f"{ev['stage']}: training {ev['max_steps']} step{'s' if ev['max_steps'] != 1 else ''}", markup=False)
+            console.print(f"{ev['stage']}: training {_steps(ev['max_steps'])}", markup=False)
         elif kind == "log":
             console.print(f"{ev['stage']} step {ev['step']}/{ev['max_steps']} loss {ev['loss']:.4f} "
                           f"lr {ev['lr']:.2e} {_rate(ev['target_tokens_per_s'])} target tok/s", markup=False)

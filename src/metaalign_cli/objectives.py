@@ -83,7 +83,7 @@ def load_objective_file(path: str | Path) -> Objective:
     path = Path(path)
     data = load_yaml_mapping(path, "objective file")
     data.setdefault("name", path.stem)
-    unknown = [k for k in data if k not in Objective.model_fields or k == "source"]
+    unknown = [k for k in data if k not in _OBJECTIVE_KEYS]
     allowed = f" (allowed: {', '.join(_OBJECTIVE_KEYS)})"
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), _OBJECTIVE_KEYS, n=1)

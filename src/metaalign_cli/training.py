@@ -39,6 +39,7 @@ from metaalign_cli.stages import STAGES
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = TRAIN_CONFIG
 STAGE_DONE = "stage.json"
+TOO_LONG = "every sequence longer than max_length"  # why a stage with rows was not trained
 
 
 @dataclass
@@ -955,7 +956,7 @@ def completed_run(cfg: TrainConfig, stage_list: list[str]) -> TrainResult | None
     reports = []
     for stage in stage_list:
         rep = StageReport(stage, skipped="done in an earlier run" if stage in present else
-                          "every sequence longer than max_length" if stage in too_long else "no data")
+                          TOO_LONG if stage in too_long else "no data")
         if stage in present:
             info = json.loads(present[stage].read_text(encoding="utf-8"))
             for k in ("rows", "kept", "dropped_too_long", "truncated", "target_tokens", "steps", "final_loss",
@@ -1118,7 +1119,7 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
             say(f"{stage}: {rep.dropped_too_long} of {rep.rows} sequence(s) longer than max_length {cfg.max_length} "
                 f"dropped, {rep.truncated} truncated")
         if ds is None:
-            rep.skipped = "no data" if rep.rows == 0 else "every sequence longer than max_length"
+            rep.skipped = "no data" if rep.rows == 0 else TOO_LONG
             if on_event:
                 on_event({"event": "skip", "stage": stage, "reason": rep.skipped})
             say(f"{stage}: skipped ({rep.skipped})")
@@ -1148,7 +1149,7 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     if last_weights is None:
         raise MetaAlignError(f"{out}: no stage was trained (every stage skipped), nothing to save")
     training = {**process_info(state), "device": device, "precision": precision, "attn_implementation": attn}
-    too_long = [r.stage for r in reports if r.skipped == "every sequence longer than max_length"]
+    too_long = [r.stage for r in reports if r.skipped == TOO_LONG]
     if too_long:  # recorded, so --resume finds the run complete (such a stage writes no stage.json)
         training["skipped_too_long"] = too_long
     # Everything after training happens on the main process, once every rank has finished
