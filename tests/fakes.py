@@ -19,9 +19,9 @@ class ScriptedBackend(Backend):
     """Answers ``"fixed-<8 hex of the prompt>"`` (or ``answer``), one "token" per word. A
     prompt containing ``FAIL`` fails with a BackendError; ``NULL`` gives a Generation whose
     text is None (a server answering ``"text": null``); ``EMPTY`` an empty text; ``LONG``
-    ``max_new_tokens`` words, finish reason ``length``; ``ECHO`` ``"ECHO | Edit: Hello!"``; ``LOOP`` a looping text, finish reason
-    ``loop``. Every call's
-    prompts are recorded in ``ScriptedBackend.calls`` and each construction (a model load) counts
+    ``max_new_tokens`` words, finish reason ``length``; ``ECHO`` ``"ECHO | Edit: Hello!"`` (the
+    template's edit label written out); ``LOOP`` a looping text, finish reason ``loop``. Every
+    call's prompts are recorded in ``ScriptedBackend.calls`` and each construction (a model load) counts
     in ``ScriptedBackend.loads`` (class attributes, reset per test)."""
 
     name = "scripted"

@@ -127,14 +127,14 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
         s = report.to_dict()
         earlier = f", {report.retried} redone (kept as failed by the earlier run)" if report.retried else ""
         empty = f", {report.empty} empty" if report.empty else ""
-        empty += f", {report.markers_cut} cut at the prompt's field labels" if report.markers_cut else ""
+        labels = f", {report.markers_cut} cut at the prompt's field labels" if report.markers_cut else ""
         trimmed = f" ({report.trimmed} cut back to before the repetition)" if report.trimmed else ""
         rates = (f"; {report.corrected / report.seconds:.2f} records/s, {s['tokens_per_s'] or 0:.1f} generated tokens/s"
                  if report.corrected and report.seconds else "")  # (no rate of failures alone)
         say(f"corrected {report.corrected} record(s) ({report.unchanged} unchanged), {report.failed} failed, "
             f"{report.resumed} already done{earlier}, "
             f"{report.truncated} with the query cut to fit the context, {report.looped} stopped in a repetition "
-            f"loop{trimmed}, {report.capped} at the token cap{empty}{rates}")
+            f"loop{trimmed}, {report.capped} at the token cap{empty}{labels}{rates}")
     raise typer.Exit(report.exit_code)
 
 
