@@ -294,6 +294,11 @@ def test_a_replaced_builtin_and_a_misspelt_rendering_key_are_named(tmp_path):
     ("Fine | Edit:", "Fine"),                   # nothing after the edit label: what came before
     ("| a | b |\n| 1 | 2 |", "| a | b |\n| 1 | 2 |"),  # a Markdown table keeps its pipes
     ("Use a | b, then c.", "Use a | b, then c."),
+    # labels of its own in the prompt's style (thirteenth new-user trial: 4 of 27 short records)
+    ('Kunde | Helpful: Yes, I can say "dog" in German.', "Kunde"),
+    ("Buch | Explanation: Book is a written work.", "Buch"),
+    ("Konnichiwa | Helpful!", "Konnichiwa"),
+    ("| Name | Role: lead |\n| Ann | Dev |", "| Name | Role: lead |\n| Ann | Dev |"),  # a table row
 ])
 def test_a_generation_is_cut_at_the_prompts_field_labels(text, want):
     # The shipped corrector wrote "Hola | Edit: Hello!" and "caballo |" for two short records

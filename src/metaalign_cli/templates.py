@@ -67,6 +67,10 @@ class _TemplateBase(BaseModel):
     source: str = ""
 
 
+# `` | Helpful:``: a label in the style of the correction prompts' own (``| Answer:``)
+_LABEL = re.compile(r" \| ?[A-Z][A-Za-z]*(?: [A-Za-z]+){0,2}[:!]")
+
+
 class CorrectionTemplate(_TemplateBase):
     """A MetaAligner correction template with a ``better`` and an ``equal`` variant.
 
@@ -98,9 +102,11 @@ class CorrectionTemplate(_TemplateBase):
     def cut_markers(self, text: str) -> str:
         """``text`` (a generation) without the prompt's field labels it went on to write: a
         small corrector sometimes echoes the answer and then writes ``| Edit: <edit>`` (the edit
-        is what follows the last edit label), or ends a correction with ``| Context:`` or a lone
-        ``|`` (cut there). A trailing start of a label is only cut when it is its line's one
-        ``|`` (so a Markdown table row keeps its last ``|``). Returns ``text`` unchanged when
+        is what follows the last edit label), or ends a correction with ``| Context:``, a label
+        of its own in the same style (``| Helpful:``, ``| Explanation:``, ``| Helpful!``: a
+        capitalised word or up to three after `` | ``, then ``:`` or ``!``) or a lone ``|``
+        (cut there). A label of its own, or a trailing start of one, is only cut when it is its
+        line's one ``|`` (so a Markdown table row keeps its pipes). Returns ``text`` unchanged when
         the template has no ``markers`` or the text holds none."""
         if not self.markers:
             return text
@@ -111,6 +117,11 @@ class CorrectionTemplate(_TemplateBase):
         for m in self.markers:
             if m in text:
                 text = text[:text.index(m)]
+        for found in _LABEL.finditer(text):  # a label of its own making, in the prompt's style
+            line = text[text.rfind("\n", 0, found.start()) + 1:].split("\n", 1)[0]
+            if line.count("|") == 1:
+                text = text[:found.start()]
+                break
         text = text.rstrip()
         last_line = text.rsplit("\n", 1)[-1]
         for m in self.markers:
