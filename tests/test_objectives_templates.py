@@ -137,6 +137,61 @@ def test_user_home_objectives(tmp_path, monkeypatch):
     assert load_objectives().get("polite").render() == "Politeness: Be polite."
 
 
+def test_a_broken_user_objective_file_blocks_only_what_it_declares(tmp_path, monkeypatch):
+    """Trial finding: one broken YAML file in $METAALIGN_HOME/objectives stopped every command,
+    even runs that never use it. It is now skipped with a warning on every run; naming the
+    objective it was meant to declare (by its file name, or an alias of the built-in it would
+    replace) fails with that file's own error, and the other objectives work."""
+    from conftest import cli
+
+    from metaalign_cli.errors import ConfigError
+
+    objs = tmp_path / "home" / "objectives"
+    objs.mkdir(parents=True)
+    (objs / "helpful.yaml").write_text("name: helpful\ndescripton: Be useful.\n")
+    (objs / "kind.yaml").write_text("description: [Be kind\n")
+    monkeypatch.setenv("METAALIGN_HOME", str(tmp_path / "home"))
+    objset = load_objectives()
+    assert objset.get("harmless").source.endswith("data/objectives/harmless.yaml")
+    helpful_err = f"{objs / 'helpful.yaml'}: line 2: unknown key 'descripton' (did you mean 'description'?)"
+    for name in ("helpful", "helpfulness", "kind"):
+        with pytest.raises(ConfigError) as e:
+            objset.get(name)
+        assert str(e.value).startswith(f"objective '{name}': {objs / (('kind' if name == 'kind' else 'helpful') + '.yaml')}: line ")
+    assert str(pytest.raises(ConfigError, objset.get, "helpful").value) == f"objective 'helpful': {helpful_err}"
+    notes = objset.notes([])
+    assert len(notes) == 2 and notes[0] == f"{helpful_err} (skipped: fix or remove the file)"
+    assert notes[1].startswith(f"{objs / 'kind.yaml'}: line 1: invalid YAML: ") and notes[1].endswith("(skipped: fix or remove the file)")
+    # the same file given explicitly still fails at load
+    with pytest.raises(ConfigError, match="unknown key 'descripton'"):
+        load_objectives(files=[objs / "helpful.yaml"])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"query": "q", "response": "r"}\n{"query": "q", "response": "r", "objectives": ["helpful"]}\n')
+    r = cli("correct", str(inp), "-O", "harmless", "-t", "hh-rlhf", "--dry-run", "--on-error", "skip")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and f"warning: {helpful_err} (skipped: fix or remove the file)" in err, err
+    assert f"{inp}:2: field 'objectives': objective 'helpful': {helpful_err}" in err, err
+    assert [json.loads(x)["line"] for x in r.stdout.decode().splitlines()] == [1]
+    r = cli("objectives", "-O", "helpful")
+    assert r.returncode == 2 and f"error: objective 'helpful': {helpful_err}" in r.stderr.decode()
+
+
+def test_an_alias_lost_by_an_override_is_named(tmp_path):
+    """Trial finding: a file that replaces a built-in without its aliases answered the old
+    alias with a bare 'unknown objective'."""
+    from metaalign_cli.errors import UnknownNameError
+
+    d = tmp_path / "objs"
+    d.mkdir()
+    (d / "helpful.yaml").write_text("description: Be useful.\n")
+    objset = load_objectives(dirs=[d], include_user=False)
+    with pytest.raises(UnknownNameError) as e:
+        objset.get("Helpfulness")
+    assert str(e.value) == (
+        f"unknown objective 'Helpfulness': it is an alias of 'helpful' in {objset.replaced['helpful'].source}, "
+        f"which {d / 'helpful.yaml'} replaces without it (use 'helpful', or add 'Helpfulness' to that file's aliases)")
+
+
 HH_BETTER = ("You are an assistant to human. You will be provided with a context and an answer. Consider the context, "
              "then edit the answer to improve it considering these aspects: {aspects} | Context: {question} | "
              "Answer: {answer} | Edit: ")

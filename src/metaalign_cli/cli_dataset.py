@@ -72,6 +72,7 @@ def build_options(cfg):
     """The library's :class:`~metaalign_cli.dataset.BuildOptions` of a ``build-data`` config
     (objectives, template, excluded queries and tokenizer loaded). Raises ValueError for bad
     ``--format``/``--objective-map`` values, MetaAlignError for the rest."""
+    from metaalign_cli.cli_common import say
     from metaalign_cli.dataset import BuildOptions, ReadOptions, load_excluded_queries
     from metaalign_cli.objectives import load_objectives
     from metaalign_cli.templates import load_template
@@ -82,6 +83,8 @@ def build_options(cfg):
     objs = objset.resolve(cfg.objectives) if cfg.objectives else None
     for v in omap.values():
         objset.get(v)  # an unknown target name fails now, with suggestions
+    for note in objset.notes(objs or []):
+        say(f"warning: {note}")
     template = cfg.template
     if template is None:
         from metaalign_cli.dataset import guess_file_format

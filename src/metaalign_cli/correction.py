@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from metaalign_cli import __version__
 from metaalign_cli.backends.base import Backend, Generation, GenerationSettings, Prompt, trim_loop
-from metaalign_cli.errors import InputError, MetaAlignError, UnknownNameError
+from metaalign_cli.errors import ConfigError, InputError, MetaAlignError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet, render_objectives
 from metaalign_cli.records import (DoneRecords, JsonlWriter, SourceRecord, check_record_id, extract_query_response,
                                    input_digest, output_records, text_sha)
@@ -135,8 +135,8 @@ class PreparedRecord:
 def record_objectives(rec: SourceRecord, opts: CorrectionOptions) -> list[Objective]:
     """The record's own ``objectives`` (list or comma string) if present, else the default.
 
-    Raises InputError (field ``objectives``) for an unknown name or a bad value, or when
-    neither the record nor the options give objectives.
+    Raises InputError (field ``objectives``) for an unknown name, a bad value or an objective
+    whose user file does not load, or when neither the record nor the options give objectives.
     """
     own = rec.data.get("objectives") if rec.data else None
     if own is None:
@@ -146,7 +146,7 @@ def record_objectives(rec: SourceRecord, opts: CorrectionOptions) -> list[Object
         return opts.objectives
     try:
         return opts.objective_set.resolve(own)
-    except (UnknownNameError, ValueError) as e:
+    except (UnknownNameError, ConfigError, ValueError) as e:
         raise InputError(str(e), rec.source, rec.line, "objectives") from None
 
 
@@ -518,7 +518,7 @@ def objective_text_mismatch(rec: dict, prov: dict, opts: CorrectionOptions, path
     try:
         objs = record_objectives(SourceRecord(str(path), 0, rec), opts) if "objectives" in rec else \
             opts.objective_set.resolve(prov.get("objectives") or [])
-    except (InputError, UnknownNameError, ValueError):
+    except (InputError, UnknownNameError, ConfigError, ValueError):
         return None
     if objectives_sha(objs, opts) != prov["objectives_sha"]:
         return f"the text of objectives {[o.name for o in objs]!r} differs from what the file was corrected toward"

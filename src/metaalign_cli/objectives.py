@@ -8,7 +8,9 @@ released checkpoints were trained on exact strings per dataset template; those l
 Search order (later overrides earlier, by name): the built-in set shipped in the package,
 ``$METAALIGN_HOME/objectives`` (default ``~/.config/metaalign/objectives``), each
 ``--objectives-dir`` and each ``--objective-file``. A file with a new name is a zero-shot
-objective, usable at once.
+objective, usable at once. A file of the user directory that does not load is skipped with a
+warning (it is read by every command, so one broken file must not stop them all); a run that
+names the objective it was meant to declare fails with that file's error.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class ObjectiveSet:
 
     by_name: dict[str, Objective] = field(default_factory=dict)
     replaced: dict[str, Objective] = field(default_factory=dict)  # name -> the objective a later file replaced
+    broken: dict[str, ConfigError] = field(default_factory=dict)  # file stem key -> why the user file was skipped
 
     def add(self, obj: Objective) -> None:
         """Add or override (same name) an objective; what it overrides is kept in ``replaced``."""
@@ -130,10 +133,10 @@ class ObjectiveSet:
         - a ``renderings`` key that is not ``template`` but close to it (a misspelt template
           name: the exact string is never used).
 
-        Returns one line per finding, naming the file; [] when there is nothing to say."""
-        import difflib
+        - a file of the user directory that did not load and was skipped (every run says so).
 
-        out = []
+        Returns one line per finding, naming the file; [] when there is nothing to say."""
+        out = [f"{e} (skipped: fix or remove the file)" for e in self.broken.values()]
         for o in objectives:
             old = self.replaced.get(o.name)
             if old is not None:
@@ -164,12 +167,24 @@ class ObjectiveSet:
     def get(self, name: str) -> Objective:
         """Look up by name or alias (case-insensitive, '-' = '_').
 
-        Raises UnknownNameError listing the closest known names.
+        Raises UnknownNameError listing the closest known names, saying so when the name was an
+        alias of an objective that a user file replaced without it; ConfigError (that file's
+        own error) when the name is a file of the user directory that did not load.
         """
         idx = self._index()
         k = _key(name)
-        if k in idx:
-            return self.by_name[idx[k]]
+        found = self.by_name[idx[k]] if k in idx else None
+        meant = k if found is None else _key(found.name)  # the file stem that would have declared it
+        if meant in self.broken and (found is None or found.source.startswith(str(builtin_objectives_dir()))):
+            raise ConfigError(f"objective '{name}': {self.broken[meant]}")
+        if found is not None:
+            return found
+        for old in self.replaced.values():
+            if any(_key(a) == k for a in old.aliases):
+                new = self.by_name[old.name]
+                raise UnknownNameError(
+                    f"unknown objective '{name}': it is an alias of '{old.name}' in {old.source}, which "
+                    f"{new.source} replaces without it (use '{old.name}', or add '{name}' to that file's aliases)")
         score: dict[str, float] = {}
         for key, obj_name in idx.items():  # an objective scores as its closest name or alias
             score[obj_name] = max(score.get(obj_name, 0.0), _likeness(k, key))
@@ -233,15 +248,18 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
     """Load the built-in objectives, then the user directory, then ``dirs``, then ``files``.
 
     Later sources override earlier ones with the same name (a user file named like a built-in
-    replaces it, aliases included). Raises ConfigError for a file that does not validate, for
+    replaces it, aliases included). A file of the user directory that does not validate is
+    skipped and kept in ``broken`` (see :meth:`ObjectiveSet.notes` and :meth:`ObjectiveSet.get`).
+    Raises ConfigError for any other file that does not validate, for
     a ``dirs``/``files`` entry that does not exist, for two files of one source (one
     directory, or the ``files``) that declare the same name, and for an alias that two
     objectives share or that is another objective's name (each names both files).
     """
     objset = ObjectiveSet()
     sources: list[Path] = [builtin_objectives_dir()]
-    if include_user and user_objectives_dir().is_dir():
-        sources.append(user_objectives_dir())
+    user = user_objectives_dir() if include_user and user_objectives_dir().is_dir() else None
+    if user is not None:
+        sources.append(user)
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
@@ -252,11 +270,17 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
         if not Path(f).is_file():
             raise ConfigError(f"{f}: objective file not found")
     given = list({Path(f).resolve(): Path(f) for f in files}.values())  # a file given twice counts once
-    layers = [sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))) for d in sources] + [given]
-    for layer in layers:
+    layers = [(d, sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml")))) for d in sources] + [(None, given)]
+    for d, layer in layers:
         seen: dict[str, Objective] = {}
         for f in layer:
-            obj = load_objective_file(f)
+            try:
+                obj = load_objective_file(f)
+            except ConfigError as e:
+                if d is None or d != user:
+                    raise
+                objset.broken[_key(f.stem)] = e
+                continue
             if obj.name in seen:
                 raise ConfigError(f"{obj.source}: objective '{obj.name}' is also declared in {seen[obj.name].source}")
             seen[obj.name] = obj

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
-from metaalign_cli.errors import InputError, UnknownNameError
+from metaalign_cli.errors import ConfigError, InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
 from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, check_record_id,
                                    extract_query_response, string_field)
@@ -132,7 +132,7 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
         if not objs:
             try:
                 objs = objective_set.resolve(own)
-            except (UnknownNameError, ValueError) as e:
+            except (UnknownNameError, ConfigError, ValueError) as e:
                 raise InputError(str(e), r.source, r.line, "objectives") from None
         items.append(JudgeItem(rid, r.line, r.source, question, golden, cands, list(objs)))
     return items
