@@ -51,3 +51,36 @@ def test_every_recipe_config_loads_as_a_train_config(path):
     named = {"corrector.yaml": "runs/corrector-a", "train.yaml": "runs/smollm2-metaaligner"}
     assert cfg.output_dir == named.get(path.name, f"runs/{path.stem}")
     assert cfg.template == "hh-rlhf"
+
+
+_short_spec = importlib.util.spec_from_file_location(
+    "short_answers", Path(__file__).resolve().parents[1] / "bench" / "short_answers.py")
+short_answers = importlib.util.module_from_spec(_short_spec)
+_short_spec.loader.exec_module(short_answers)
+
+
+@pytest.mark.parametrize("text, right, wrong, want", [
+    ("72", r"72", r"64", True),
+    ("9 * 8 = 64", r"72", r"64", False),           # the thirteenth trial's broken sum
+    ("8 times 9 is 72.", r"72", r"64", True),
+    ("1722", r"72", r"64", False),                 # whole numbers only
+    ("13 - 5 = 8", r"8|eight", r"7|seven", True),  # alternatives stay inside the word bounds
+    ("eighteen", r"8|eight", r"7|seven", False),
+    ("Not Lyon but Paris.", r"paris", r"lyon", False),  # naming the wrong answer at all counts as wrong
+    ("Caballo.", r"gato", r"perro", False),
+])
+def test_a_short_answer_is_right_when_it_holds_the_answer_and_not_the_wrong_one(text, right, wrong, want):
+    assert short_answers.is_right(text, right, wrong) is want
+
+
+def test_short_answer_counts_are_hand_worked():
+    rows = [{"response": "72", "answer": "72", "wrong": "64", "corrected": "72"},              # kept, unchanged
+            {"response": "Gato.", "answer": "gato", "wrong": "perro", "corrected": "Caballo."},  # broken
+            {"response": "Lyon.", "answer": "paris", "wrong": "lyon", "corrected": "Paris."},   # fixed
+            {"response": "1939.", "answer": "1945", "wrong": "1939", "corrected": "1938."},     # still wrong
+            {"response": "Hund.", "answer": "hund", "wrong": "katze"}]                         # failed record
+    assert short_answers.score(rows) == dict(n=5, unchanged=1, right_before=3, right_after=2, kept=1,
+                                             broken=2, fixed=1)
+    assert len(short_answers.records("right")) == len(short_answers.records("wrong")) == 40
+    assert all(short_answers.is_right(r["response"], r["answer"], r["wrong"]) for r in short_answers.records("right"))
+    assert not any(short_answers.is_right(r["response"], r["answer"], r["wrong"]) for r in short_answers.records("wrong"))
