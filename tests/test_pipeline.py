@@ -517,21 +517,22 @@ def test_correct_warns_before_it_runs_when_judge_would_refuse_the_ids(tmp_path):
     """`correct` took duplicate ids and records with and without ids, and `judge` refused its
     output only afterwards (after a long run). Each record is still corrected; one warning line
     names the record, before any is."""
-    for body, want in (
+    for body, line, why in (
             ('{"id": "a", "query": "q", "response": "r"}\n{"id": "b", "query": "q", "response": "r"}\n'
-             '{"id": "a", "query": "q2", "response": "r2"}\n', ':3: id "a" is also on line 1: `judge` aligns records by id'),
+             '{"id": "a", "query": "q2", "response": "r2"}\n', 3, "duplicate id 'a' (first on line 1)"),
             ('{"id": 1, "query": "q", "response": "r"}\n{"query": "q", "response": "r"}\n',
-             ":2: no id, while other records have one: `judge` aligns records by id")):
+             2, "missing id (other records have one: alignment is by id)")):
         inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         inp.write_text(body)
         r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--overwrite")
         err = r.stderr.decode()
         assert r.returncode == 0, err
-        assert f"warning: {inp}{want}" in err, err
+        assert f"warning: {inp}:{line}: {why}: `judge` aligns records by id and will refuse the output" in err, err
         assert len(out.read_text().splitlines()) == body.count("\n")
         j = cli("judge", "-b", "scripted", str(out), "--golden-field", "response", "-o", str(tmp_path / "j.jsonl"),
                 "--overwrite")
-        assert j.returncode == 2, j.stderr.decode()  # what the warning foretold
+        # what the warning foretold, in the same words (one rule, records.id_problem)
+        assert j.returncode == 2 and f"{out}:{line}: field 'id': {why}" in j.stderr.decode(), j.stderr.decode()
     inp.write_text('{"id": "a", "query": "q", "response": "r"}\n{"id": "b", "query": "q", "response": "r"}\n')
     r = cli("correct", "-b", "scripted", "-O", "helpful", str(inp), "-o", str(out), "--overwrite")
     assert r.returncode == 0 and "aligns records by id" not in r.stderr.decode()

@@ -165,28 +165,37 @@ def check_record_id(rec: SourceRecord, field: str = "id") -> Any:
     return rid
 
 
-def id_warning(records: Iterable[SourceRecord], field: str = "id") -> str | None:
-    """Why ``judge`` would refuse these records' output (it aligns records by id): an id on two
-    records, or records without an id beside records with one; None when neither. ``correct``
-    warns with it before it runs, not after (each record is still corrected)."""
+def id_problem(records: Iterable[SourceRecord], field: str = "id") -> tuple[SourceRecord, str] | None:
+    """The id rule ``judge`` aligns records by: when any record has an id (``field``), every
+    record must have one, and no id may be on two records. Returns the first record in line
+    order that breaks it, with why ("missing id (...)" or "duplicate id 'a' (first on line 1)"),
+    or None. ``judge`` refuses such input with it (:func:`metaalign_cli.judging.items.load_judge_items`),
+    ``correct`` warns with it (:func:`id_warning`)."""
+    recs = [r for r in records if isinstance(r.data, dict)]
+    if not any(r.data.get(field) not in (None, "") for r in recs):
+        return None
     seen: dict[str, int] = {}
-    missing = None
-    has_ids = False
-    for r in records:
-        rid = r.data.get(field) if isinstance(r.data, dict) else None
+    for r in recs:
+        rid = r.data.get(field)
         if rid in (None, ""):
-            missing = missing or r
-            continue
-        has_ids = True
+            return r, "missing id (other records have one: alignment is by id)"
         k = json.dumps(rid)
         if k in seen:
-            return (f"{r.source}:{r.line}: id {json.dumps(rid)} is also on line {seen[k]}: `judge` aligns records by "
-                    "id and will refuse the output (give each record its own id)")
+            return r, f"duplicate id {rid!r} (first on line {seen[k]})"
         seen[k] = r.line
-    if has_ids and missing is not None:
-        return (f"{missing.source}:{missing.line}: no id, while other records have one: `judge` aligns records by id "
-                "and will refuse the output (give each record an id, or none)")
     return None
+
+
+def id_warning(records: Iterable[SourceRecord], field: str = "id") -> str | None:
+    """Why ``judge`` would refuse these records' output (:func:`id_problem`), as one line naming
+    the record; None when nothing. ``correct`` warns with it before it runs, not after (each
+    record is still corrected)."""
+    found = id_problem(records, field)
+    if found is None:
+        return None
+    r, why = found
+    return (f"{r.source}:{r.line}: {why}: `judge` aligns records by id and will refuse the output "
+            "(give each record its own id, or none)")
 
 
 def messages_warning(records: Iterable[SourceRecord], query_field: str | None = None,

@@ -3,14 +3,13 @@ before any judge call."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 from metaalign_cli.errors import ConfigError, InputError, UnknownNameError
 from metaalign_cli.objectives import Objective, ObjectiveSet
 from metaalign_cli.records import (QUERY_FIELDS, RESPONSE_FIELDS, SourceRecord, check_record_id,
-                                   extract_query_response, string_field)
+                                   extract_query_response, id_problem, string_field)
 
 Mode = Literal["pairwise", "score"]
 
@@ -62,26 +61,22 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
     for r in recs:
         if r.error is not None:
             raise r.error
-    has_ids = any(id_field in r.data and r.data[id_field] not in (None, "") for r in recs)
+    kept_failed = [r for r in recs if _kept_as_failed(r, candidate_fields)] if failed is not None else []
+    left_out = {id(r) for r in kept_failed}
+    judged = [r for r in recs if id(r) not in left_out]
+    for r in judged:
+        check_record_id(r, id_field)
+    bad = id_problem(judged, id_field)
+    if bad is not None:
+        raise InputError(bad[1], bad[0].source, bad[0].line, id_field)
+    has_ids = any(r.data.get(id_field) not in (None, "") for r in judged)
     items: list[JudgeItem] = []
-    seen: dict[str, int] = {}
     names: list[str] | None = list(candidate_fields) if candidate_fields else None
-    for r in recs:
+    if kept_failed:
+        failed.extend(kept_failed)
+    for r in judged:
         d = r.data
-        if failed is not None and isinstance(d.get("error"), str) and isinstance(d.get("metaalign"), dict) \
-                and CORRECTED_FIELD not in d and (not candidate_fields or CORRECTED_FIELD in candidate_fields):
-            failed.append(r)
-            continue
-        if has_ids:
-            if d.get(id_field) in (None, ""):
-                raise InputError("missing id (other records have one: alignment is by id)", r.source, r.line, id_field)
-            rid = check_record_id(r, id_field)
-        else:
-            rid = r.line
-        k = json.dumps(rid)
-        if k in seen:
-            raise InputError(f"duplicate id {rid!r} (first on line {seen[k]})", r.source, r.line, id_field)
-        seen[k] = r.line
+        rid = check_record_id(r, id_field) if has_ids else r.line
 
         messages_text = None
         if query_field is None and not any(f in d for f in QUERY_FIELDS) and "messages" in d:
@@ -136,3 +131,11 @@ def load_judge_items(records: Iterable[SourceRecord], objective_set: ObjectiveSe
                 raise InputError(str(e), r.source, r.line, "objectives") from None
         items.append(JudgeItem(rid, r.line, r.source, question, golden, cands, list(objs)))
     return items
+
+
+def _kept_as_failed(r: SourceRecord, candidate_fields: list[str] | None) -> bool:
+    """A record ``correct --on-error keep`` kept as failed (an ``error`` field and a
+    ``metaalign`` object, no ``corrected`` field), when ``corrected`` is among the candidates."""
+    d = r.data
+    return isinstance(d.get("error"), str) and isinstance(d.get("metaalign"), dict) and CORRECTED_FIELD not in d \
+        and (not candidate_fields or CORRECTED_FIELD in candidate_fields)
