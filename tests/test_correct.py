@@ -755,8 +755,12 @@ def test_resume_refuses_to_mix_settings(tmp_path):
     args = ("correct", str(EX), "--max-new-tokens", "2", "--threads", "1", "-q", "-o", str(out))
     assert run_cli(*args, "-O", "humor").returncode == 0
     out.write_text("".join(out.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
-    p = run_cli(*args, "-O", "harmless", "--resume")
+    p = run_cli(*(a for a in args if a != "-q"), "-O", "harmless", "--resume")
     assert p.returncode == 2 and "objectives ['humor'] there, ['harmless'] now" in p.stderr.decode()
+    # refused before any model loads (it said "using the shipped corrector" first, then refused)
+    assert "using " not in p.stderr.decode(), p.stderr.decode()
+    p = run_cli(*args, "-O", "humor", "-t", "ultrafeedback", "--resume")
+    assert p.returncode == 2 and "template 'hh-rlhf' there, 'ultrafeedback' now" in p.stderr.decode(), p.stderr.decode()
     p = run_cli(*(a if a != "2" else "3" for a in args), "-O", "humor", "--resume")
     assert p.returncode == 2 and "generation.max_new_tokens 2 there, 3 now" in p.stderr.decode()
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2  # nothing appended by a refused run

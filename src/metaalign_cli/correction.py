@@ -311,9 +311,14 @@ def settings_provenance(backend: Backend, opts: CorrectionOptions) -> dict:
     """The part of :func:`provenance` that ``--resume`` compares: the backend's identity
     (model, server, LoRA, re-quantization, dtype...), template and its fingerprint, prompt
     format, generation settings."""
-    return {**backend.identity(), "template": opts.template.name, "template_sha": template_sha(opts.template),
-            "prompt_format": opts.prompt_format or opts.template.prompt_format,
-            "generation": generation_record(opts, backend)}
+    return {**backend.identity(), **prompt_provenance(opts), "generation": generation_record(opts, backend)}
+
+
+def prompt_provenance(opts: CorrectionOptions) -> dict:
+    """The part of :func:`settings_provenance` known before a model loads: template, its
+    fingerprint and the prompt format."""
+    return {"template": opts.template.name, "template_sha": template_sha(opts.template),
+            "prompt_format": opts.prompt_format or opts.template.prompt_format}
 
 
 def generation_record(opts: CorrectionOptions, backend: Backend) -> dict:
@@ -470,19 +475,21 @@ def correct_records(records: Iterable[SourceRecord], backend: Backend, opts: Cor
     return report
 
 
-def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionOptions) -> str | None:
+def resume_mismatch(path: str | os.PathLike, backend: Backend | None, opts: CorrectionOptions) -> str | None:
     """Why the records already in ``path`` were corrected with other settings than ``opts``
     on ``backend`` (:meth:`~metaalign_cli.backends.base.Backend.identity`: model, server, LoRA,
     re-quantization, dtype, device...; template, prompt format, generation settings; or the
     objectives of a record that has no own list), or None when they match or the file holds
     none (see :func:`metaalign_cli.resume.provenance_mismatch`). `--resume` refuses to mix
-    settings in one output file."""
+    settings in one output file. With ``backend`` None, only what is known before a model
+    loads is compared (:func:`prompt_provenance` and the objectives), so a run can refuse
+    before it loads one."""
     from metaalign_cli.resume import provenance_mismatch
 
     p = Path(path)
     if not p.is_file():
         return None
-    now = settings_provenance(backend, opts)
+    now = settings_provenance(backend, opts) if backend is not None else prompt_provenance(opts)
     flag = [o.name for o in opts.objectives] if opts.objectives else None
     checked_objectives = flag is None
     checked_settings = False
@@ -507,6 +514,12 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend, opts: CorrectionO
         if checked_objectives:
             return None
     return None
+
+
+def _refuse_mixed(why: str | None, output: str) -> None:
+    if why:
+        raise InputError(f"--resume would mix settings in one file ({why}); rerun with the same settings, "
+                         "or write to another file", source=output)
 
 
 def objective_text_mismatch(rec: dict, prov: dict, opts: CorrectionOptions, path: str) -> str | None:
@@ -620,6 +633,8 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
     if not items and not resumed:
         warn(f"{'<stdin>' if cfg.input == '-' else cfg.input}: no records to correct")
     generates = bool(items) or cfg.resume  # else nothing to generate: no model loads
+    if cfg.resume and not cfg.dry_run:  # refuse before a model loads where that can tell
+        _refuse_mixed(resume_mismatch(cfg.output, None, opts), cfg.output)
     if resolved is not None and on_model and (generates or cfg.dry_run):
         on_model(resolved.label)
     if resolved is not None and resolved.hub_note and (generates or cfg.dry_run):
@@ -637,10 +652,7 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         for w in be.warnings:
             warn(w)
         if cfg.resume:
-            why = resume_mismatch(cfg.output, be, opts)
-            if why:
-                raise InputError(f"--resume would mix settings in one file ({why}); rerun with the same settings, "
-                                 "or write to another file", source=cfg.output)
+            _refuse_mixed(resume_mismatch(cfg.output, be, opts), cfg.output)
         if done is not None and done.failed_lines:  # kept failures are redone, never kept as results
             drop_lines(cfg.output, done.failed_lines)
         with JsonlWriter(cfg.output, append=cfg.resume) as writer:
