@@ -265,3 +265,39 @@ def test_import_messages_offer_only_what_an_import_takes(tmp_path):
     err = r.stderr.decode().strip()
     assert r.returncode == 2 and f"(the same file as {v})" in err, err
     assert len(out.read_text().splitlines()) == 4  # the first import is still there
+
+
+def test_a_pair_shown_twice_is_one_task_with_one_verdict_for_both(tmp_path):
+    """An unchanged correction shows the same pair as its uncorrected answer: it was exported as a
+    second task (a judge saw it twice and could answer it two ways). It is one task now, in
+    either drawn position; the one verdict gives both candidates the same outcome."""
+    same = [dict(r, corrected=r["response"]) for r in RECORDS]  # both corrections unchanged
+    for seed in range(6):  # draws where the two candidates share a position and where they do not
+        inp, tasks, key, keyf = export(tmp_path, "--seed", str(seed), records=same)
+        assert len(tasks) == 2 and len(key["tasks"]) == 4, (seed, tasks)
+        by_task = {t["task"]: t for t in tasks}
+        for k in key["tasks"]:
+            t = by_task[k["task"]]
+            rec = next(r for r in same if r["id"] == k["record_id"])
+            pos = k["candidate_position"]
+            assert t["response_1" if pos == 1 else "response_2"] == rec[k["candidate"]]
+            assert t["response_2" if pos == 1 else "response_1"] == rec["golden"]
+            assert k["order"] == ("candidate-first" if pos == 1 else "golden-first")
+        # record a: the judge picks the golden; record b: the shown weak answer
+        verdicts = []
+        for t in tasks:
+            golden_at = 1 if t["response_1"] == next(r["golden"] for r in same if r["query"] == t["query"]) else 2
+            verdicts.append({"task": t["task"], "verdict": golden_at if "lock" in t["query"] else 3 - golden_at})
+        vf = write(tmp_path / "v.jsonl", verdicts)
+        out = tmp_path / "j.jsonl"
+        r = cli("judge", str(inp), "--blind-key", str(keyf), "--blind-verdicts", str(vf), "-o", str(out), "--overwrite")
+        assert r.returncode == 0, r.stderr.decode()
+        got = {(j["record_id"], j["candidate"]): j["outcome"] for j in map(json.loads, out.read_text().splitlines())}
+        assert got == {("a", "response"): "loss", ("a", "corrected"): "loss",
+                       ("b", "response"): "win", ("b", "corrected"): "win"}, (seed, got)
+    r = cli("judge", str(inp), "--blind-tasks", str(tmp_path / "t2.jsonl"), "--blind-key", str(tmp_path / "k2.json"))
+    assert "2 pair(s) the plan shows twice are one task each" in r.stderr.decode(), r.stderr.decode()
+    _, both, bkey, _ = export(tmp_path, "--both-orders", records=same)  # each pair once in each order
+    assert len(both) == 4 and len(bkey["tasks"]) == 8
+    assert sorted((t["query"], t["response_1"]) for t in both) == sorted(
+        (r["query"], x) for r in same for x in (r["response"], r["golden"]))

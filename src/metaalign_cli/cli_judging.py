@@ -151,8 +151,10 @@ def _export_blind(cfg: JudgeConfig, plan) -> None:
         say("warning: the import needs this same input again (and these flags): standard input is gone after "
             "this run, so save it to a file (e.g. `... | tee corrected.jsonl | metaalign judge - ...`)")
     if not cfg.quiet:
+        twice = len(key["tasks"]) - len(tasks)
+        same = f"; {twice} pair(s) the plan shows twice are one task each" if twice else ""
         say(f"wrote {len(tasks)} blind task(s) of export {key['export']} to {cfg.blind_tasks} and their key to "
-            f"{cfg.blind_key} (keep the key from the judges)")
+            f"{cfg.blind_key} (keep the key from the judges{same})")
 
 
 def _import_blind(cfg: JudgeConfig, plan):

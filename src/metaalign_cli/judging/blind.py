@@ -54,6 +54,12 @@ def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dic
     ``random.Random(seed)``; ids ``<export id>-<n>``. Key: ``{"format", "export", "seed",
     "tasks": [{"task", "record_id", "input_line", "objective", "candidate", "order",
     "candidate_position"}]}``. Raises InputError for score-mode units (no golden to compare).
+
+    A pair shown twice (an unchanged correction shows the same pair as its uncorrected answer)
+    is one task, in the order drawn first: the key maps both (record, candidate) entries to it,
+    each with the position its candidate is shown in there, so one verdict gives both the same
+    outcome and a judge never sees a pair twice (with ``--both-orders``, twice: once in each
+    order).
     """
     if any(u.item.golden is None or u.asks[0].candidate_position is None for u in units):
         raise InputError("blind tasks are pairwise (candidate vs golden): use --mode pairwise")
@@ -62,16 +68,28 @@ def export_tasks(units: list[JudgeUnit], seed: int = 0) -> tuple[list[dict], dic
     order = list(range(len(entries)))
     random.Random(seed).shuffle(order)
     tasks, key = [], []
+    shown: dict[str, str] = {}  # (query, aspect, response 1, response 2) -> its task id
     width = len(str(len(entries)))
-    for n, i in enumerate(order, start=1):
+    for i in order:
         u, a = entries[i]
-        tid = f"{eid}-{n:0{width}d}"
-        r1, r2 = _responses(u, a.candidate_position)
-        tasks.append({"task": tid, "query": u.item.question, "response_1": r1, "response_2": r2,
-                      "aspect": aspect_text(u.objective)})
+        pos, how = a.candidate_position, a.order
+        r1, r2 = _responses(u, pos)
+        aspect = aspect_text(u.objective)
+        same, swapped = (json.dumps([u.item.question, aspect, *pair], ensure_ascii=False)
+                         for pair in ((r1, r2), (r2, r1)))
+        if same in shown:
+            tid = shown[same]
+        elif swapped in shown and len(u.asks) == 1:  # shown there with the candidate in the other position
+            # (with both orders, the swapped pair is a task of its own: it is what both orders ask)
+            tid, pos = shown[swapped], 3 - pos
+            how = "golden-first" if how == "candidate-first" else "candidate-first"
+        else:
+            tid = shown[same] = f"{eid}-{len(tasks) + 1:0{width}d}"
+            tasks.append({"task": tid, "query": u.item.question, "response_1": r1, "response_2": r2,
+                          "aspect": aspect})
         key.append({"task": tid, "record_id": u.item.record_id, "input_line": u.item.line,
-                    "objective": u.objective.name, "candidate": u.candidate, "order": a.order,
-                    "candidate_position": a.candidate_position})
+                    "objective": u.objective.name, "candidate": u.candidate, "order": how,
+                    "candidate_position": pos})
     return tasks, {"format": KEY_FORMAT, "export": eid, "seed": seed, "version": __version__,
                    "tasks_sha": _tasks_sha(key), "tasks": key}
 
