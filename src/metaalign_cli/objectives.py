@@ -131,8 +131,7 @@ class ObjectiveSet:
         - a file that replaces an objective of the same name (a shipped one) without the
           aliases or exact renderings the replaced one had: those are gone with it;
         - a ``renderings`` key that is not ``template`` but close to it (a misspelt template
-          name: the exact string is never used).
-
+          name: the exact string is never used);
         - a file of the user directory that did not load and was skipped (every run says so).
 
         Returns one line per finding, naming the file; [] when there is nothing to say."""
