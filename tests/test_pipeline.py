@@ -690,13 +690,22 @@ def test_hard_links_templates_objective_dirs_and_blind_resume_cannot_replace_wha
 
 def test_blind_import_warns_when_one_pair_got_two_verdicts(tmp_path):
     """An unchanged correction shows its uncorrected answer's pair again; two annotators gave
-    the twins different verdicts and an unchanged record moved the advantage, unsaid."""
+    the twins different verdicts and an unchanged record moved the advantage, unsaid. An export
+    now makes the twins one task; a key of an export made before that still warns."""
+    from metaalign_cli.records import text_sha
+
     rec = tmp_path / "in.jsonl"
     rec.write_text('{"id": "a", "query": "q", "response": "same", "corrected": "same", "golden": "g", '
                    '"objectives": ["helpful"]}\n')
     tasks, key = tmp_path / "t.jsonl", tmp_path / "k.json"
     assert cli("judge", str(rec), "--blind-tasks", str(tasks), "--blind-key", str(key)).returncode == 0
     k = json.loads(key.read_text())
+    assert len(tasks.read_text().splitlines()) == 1 and len({t["task"] for t in k["tasks"]}) == 1
+    # the key as an export before this wrote it: the twin (the correction) a task of its own
+    twin = next(t for t in k["tasks"] if t["candidate"] == "corrected")
+    twin["task"] = k["export"] + "-2"
+    k["tasks_sha"] = text_sha(json.dumps(k["tasks"], sort_keys=True, ensure_ascii=False))
+    key.write_text(json.dumps(k))
     v = tmp_path / "v.jsonl"  # the response wins, its twin (the correction) loses
     v.write_text("".join(json.dumps({"task": t["task"], "verdict": t["candidate_position"] if t["candidate"] ==
                                      "response" else 3 - t["candidate_position"]}) + "\n" for t in k["tasks"]))
