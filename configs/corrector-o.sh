@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The shipped corrector (corrector-p, RECIPE=p) and the one before it (corrector-o, the default
-# RECIPE; docs/corrector.md) from nothing but ../shared/data, in one command, run from the
-# repository root (q and r are recipes tried after p, not shipped):
+# The shipped corrector (corrector-r, the default RECIPE=r), the ones shipped before it (corrector-p,
+# RECIPE=p; corrector-o, RECIPE=o) and the recipes tried beside them (q; docs/corrector.md), from
+# nothing but ../shared/data, in one command, run from the repository root:
 #
-#   bash configs/corrector-o.sh            # all of it: about 3 h on a 2-core CPU
+#   bash configs/corrector-o.sh            # all of it for corrector-r: about 3 h on a 2-core CPU
+#   RECIPE=o bash configs/corrector-o.sh   # corrector-o (configs/corrector-o.yaml)
 #   STEPS="data train" bash configs/corrector-o.sh   # only some steps (dev data train correct tasks)
 #   SMOKE=1 OUT=/tmp/o bash configs/corrector-o.sh   # the same commands on 3 rows each, 2 training steps
 #   RECIPE=p bash configs/corrector-o.sh   # corrector-p (configs/corrector-p.yaml): o with no refusal fix targets
 #   RECIPE=q bash configs/corrector-o.sh   # corrector-q (configs/corrector-q.yaml): p and 40 rows that drop the weak tic
-#   RECIPE=r bash configs/corrector-o.sh   # corrector-r (configs/corrector-r.yaml): q's rows, a fourth epoch
+#   RECIPE=r bash configs/corrector-o.sh   # corrector-r (configs/corrector-r.yaml), shipped: q's rows, a fourth epoch
 #
 # Every step writes under $OUT (default out/, git-ignored) and resumes: a weak-answer file that
 # is complete is not redone (bench/weak_policy.py --resume), nor a correction (`correct` resumes).
@@ -37,7 +38,7 @@ if [[ -n "${SMOKE:-}" ]]; then
 else
   DEV_N=50; RED_N=191; GEN_N=100; SAMPLES_N=320; TOKENS=256; TRAIN_EXTRA=(); CORRECT_EXTRA=()
 fi
-RECIPE=${RECIPE:-o}
+RECIPE=${RECIPE:-r}  # the shipped one
 TICS=0
 case "$RECIPE" in
   o) FIX_REFUSALS=0.1 ;;   # at most 10% of each fix/pref part's targets open with a refusal
