@@ -5,6 +5,7 @@ It answers ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` and Ant
 up to the test: ``answer(prompt) -> str`` gives the judge's answer, and ``fault(prompt, n)``
 (n = how many times this exact prompt was asked before) may return ``"429"`` (Too Many
 Requests with ``Retry-After``), ``"500"`` or any other HTTP status code as a string (``"401"``),
+``"401echo"`` (a 401 whose message quotes the request's Authorization or x-api-key header and path),
 ``"slow"`` (sleeps ``slow_s`` before answering, so a client with a shorter timeout gives up)
 or None for a normal answer. ``answer`` may return None: the server then sends ``"text": null``
 (completions) or ``"content": null`` (chat). ``delay_s`` is a fixed latency per request. ``port``
@@ -120,6 +121,10 @@ class FaultServer:
                                       {"Retry-After": srv.retry_after})
                 if f == "500":
                     return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
+                if f == "401echo":  # a gateway that quotes the request's credentials back
+                    auth = self.headers.get("Authorization") or self.headers.get("x-api-key")
+                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {auth} (url {self.path})",
+                                                      "type": "invalid_request_error"}})
                 if f and f.isdigit():
                     return self._send(int(f), {"error": {"message": f"status {f}", "type": "test_fault"}})
                 if f == "slow":

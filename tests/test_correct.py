@@ -445,6 +445,27 @@ def test_case_lone_surrogate():
     assert '"response": "こんにちは 👋"' in out_lines[1]  # byte-for-byte, not \u-escaped
 
 
+def test_case_lone_surrogate_in_judge_and_build_data(tmp_path):
+    """The same kind of input read by `judge` and `build-data`: replaced and said on stderr
+    (build-data counts it in stats.json too); the Japanese text and emoji are unchanged."""
+    judged = tmp_path / "j.jsonl"
+    judged.write_bytes(b"".join(line[:-2] + b', "golden": "g", "corrected": "c"}\n'
+                                for line in (CASES / "lone-surrogate.jsonl").read_bytes().splitlines(keepends=True)))
+    r = run_cli("judge", str(judged), "-O", "helpful", "--dry-run")
+    assert r.returncode == 0 and f"warning: {judged}:1: field 'response': lone surrogate replaced with U+FFFD" \
+        in r.stderr.decode(), r.stderr.decode()
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"prompt": "caf\\u00e9 \\udc9d", "chosen": "こんにちは 👋", "rejected": "no", '
+                     '"labels": {"harmless": "chosen"}}\n', encoding="utf-8")
+    r = run_cli("build-data", str(pairs), "-O", "harmless", "-o", str(tmp_path / "bd"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"warning: {pairs}:1: field 'prompt': lone surrogate replaced with U+FFFD" in r.stderr.decode()
+    stats = json.loads((tmp_path / "bd" / "stats.json").read_text())
+    assert stats["repaired_fields"] == 1
+    built = "".join(f.read_text(encoding="utf-8") for f in (tmp_path / "bd").glob("*/*.jsonl"))
+    assert "こんにちは 👋" in built and "café \ufffd" in built
+
+
 def test_case_messages_shapes():
     """m1: the system turn is kept in the context; m2 (ends with a user turn): line 2 error."""
     raw = (CASES / "messages-shapes.jsonl").read_bytes()
@@ -692,12 +713,20 @@ def test_csv_line_numbers_count_blank_lines_and_multiline_cells(tmp_path):
                                                       (4, {"query": "q2", "response": "r2"})]
 
 
-def test_broken_pipe_is_quiet():
-    recs = "".join(json.dumps({"query": f"q{i}?", "response": f"r{i}"}) + "\n" for i in range(4))
-    p = subprocess.run(f"{sys.executable} -m metaalign_cli correct -O helpful --max-new-tokens 2 -q | head -1",
-                       shell=True, input=recs.encode(), capture_output=True, cwd=REPO,
-                       executable="/bin/bash")
-    assert p.stdout.count(b"\n") == 1 and b"Traceback" not in p.stderr and b"error" not in p.stderr
+def test_broken_pipe_is_quiet_and_not_ok(tmp_path):
+    """`correct ... | head -1` and `judge -o - ... | head -1`: the reader went away, so the run
+    stops without a word, and exits 141 (128 + SIGPIPE, as a Unix filter ends), not 0: records
+    were left undone."""
+    recs = "".join(json.dumps({"query": f"q{i}?", "response": f"r{i}", "corrected": "c", "golden": "g"}) + "\n"
+                   for i in range(40))
+    (tmp_path / "in.jsonl").write_text(recs)
+    for cmd in ("correct -O helpful --max-new-tokens 2 -q", "judge -O helpful --max-new-tokens 1 -q --no-cache -o -"):
+        p = subprocess.run(f"{sys.executable} -m metaalign_cli {cmd} {tmp_path / 'in.jsonl'} | head -1; "
+                           "echo \"status ${PIPESTATUS[0]}\"", shell=True, capture_output=True, cwd=REPO,
+                           executable="/bin/bash")
+        out = p.stdout.decode().splitlines()
+        assert len(out) == 2 and out[1] == "status 141", (cmd, out, p.stderr.decode()[-1000:])
+        assert b"Traceback" not in p.stderr and b"error" not in p.stderr, (cmd, p.stderr.decode()[-1000:])
 
 
 def test_second_trial_findings_are_one_line_errors(tmp_path, smollm2_gguf):
@@ -734,6 +763,9 @@ def test_second_trial_findings_are_one_line_errors(tmp_path, smollm2_gguf):
         (("judge", str(full), "--dry-run", "--cache", str(junk)), f"{junk}: cannot use as the judge cache: file is not a database"),
         (("judge", str(full), "--dry-run", "--cache", str(tmp_path)), "--cache is a directory"),
         (("correct", str(rec), "--output-field", "metaalign"), "--output-field 'metaalign' is reserved"),
+        (("correct", str(rec), "--output-field", "id"), "--output-field 'id' would overwrite the input's query, response or id"),
+        (("correct", str(rec), "--output-field", "answer"), "--output-field 'answer' would overwrite the input's"),
+        (("correct", str(rec), "--response-field", "r", "--output-field", "r"), "--output-field 'r' would overwrite"),
         (("correct", str(rec), "--model", str(rec)), f"{rec}: not a model"),
         (("export", str(tmp_path), "--install", "../escape"), "invalid corrector name '../escape'"),
         (("correct", str(rec), "--model", "default"), "metaalign.json: field 'gguf': expected a string"),
@@ -766,6 +798,23 @@ def test_resume_refuses_to_mix_settings(tmp_path):
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2  # nothing appended by a refused run
     p = run_cli(*args, "-O", "humor", "--resume")
     assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5
+
+
+def test_prompts_other_than_the_shipped_correctors_own_are_noted(tmp_path):
+    """The shipped corrector was trained on raw hh-rlhf prompts: another --template or
+    --prompt-format gets a warning naming both (the prompts are still written), its own none,
+    and the prompted demo (no trained template) none."""
+    src = '{"query": "Q1?", "response": "A1."}\n'
+    note = ("warning: the shipped corrector (SmolLM2-135M-Instruct + metaalign LoRA) was trained on the 'hh-rlhf' "
+            "template (raw prompts); {given} renders prompts it has not seen, so expect worse corrections "
+            "(leave out --template/--prompt-format to use its own)")
+    for args, given in ((("-t", "ultrafeedback"), "'ultrafeedback' (raw prompts)"),
+                        (("--prompt-format", "chat"), "'hh-rlhf' (chat prompts)"), ((), None),
+                        (("-t", "hh-rlhf", "--prompt-format", "raw"), None), (("--model", "smollm2", "-t", "imhi"), None)):
+        r = run_cli("correct", "--dry-run", "-O", "helpful", *args, input=src)
+        assert r.returncode == 0 and len(lines(r.stdout)) == 1, r.stderr.decode()
+        warnings = [x for x in r.stderr.decode().splitlines() if x.startswith("warning")]
+        assert warnings == ([note.format(given=given)] if given else []), args
 
 
 def test_dry_run_writes_the_prompts_without_loading_a_model(tmp_path):

@@ -484,3 +484,30 @@ def test_no_items_says_why_even_with_quiet(tmp_path):
         f"error: no items were built (1 bad record(s), 0 dropped pair(s): rerun without -q for the reasons); " \
         f"nothing was written to {tmp_path / 'b'}"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_inputs_with_one_name_get_distinct_ids_and_a_file_twice_or_in_the_output_is_refused(tmp_path, objset):
+    """Item ids start with the input's name; inputs that share it (a/data.jsonl, b/data.jsonl)
+    are told apart by their folders, so no two items share an id. One file given twice (its rows
+    read twice) and an input that is a file of the output's build (which --overwrite would
+    replace) are refused, one line, exit 2, nothing written."""
+    row = {"prompt": "p1", "chosen": "good", "rejected": "bad", "labels": {"harmless": "chosen"}}
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    a, b, c = (write_jsonl(tmp_path / f, [row]) for f in ("a/data.jsonl", "b/data.jsonl", "c.jsonl"))
+    pairs, _ = pairs_of([a, b, c], objset)
+    assert [p.pair_id for p in pairs] == ["a/data:1", "b/data:1", "c:1"]
+    with pytest.raises(InputError, match=r"data.jsonl: given twice as an input"):
+        pairs_of([a, tmp_path / "a" / ".." / "a" / "data.jsonl"], objset)
+    out = tmp_path / "out"
+    r = run_cli("build-data", str(a), str(b), "-o", str(out), "-O", "harmless")
+    assert r.returncode == 0, r.stderr.decode()
+    ids = [json.loads(x)["id"] for f in out.glob("*/*.jsonl") for x in f.read_text().splitlines()]
+    assert ids and len(ids) == len(set(ids))
+    r = run_cli("build-data", str(a), str(a), "-o", str(tmp_path / "o2"), "-O", "harmless")
+    assert r.returncode == 2 and "given twice as an input" in r.stderr.decode() and not (tmp_path / "o2").exists()
+    built = next(out.glob("*/preference.jsonl"))
+    before = built.read_bytes()
+    r = run_cli("build-data", str(built), "-o", str(out), "-O", "harmless", "--overwrite")
+    assert r.returncode == 2 and f"{built}: is an input, and the build in {out} writes" in r.stderr.decode()
+    assert built.read_bytes() == before and "Traceback" not in r.stderr.decode()

@@ -345,6 +345,24 @@ def test_faults_429_500_timeouts_every_record_accounted_and_cached_rerun(tmp_pat
         assert plan["token_count"] == "chars/4" and plan["input_tokens"] > 4 * 60
 
 
+def test_dry_run_of_an_api_judge_needs_no_key_and_the_real_run_does(tmp_path, monkeypatch):
+    """--dry-run counts calls and tokens and calls nothing, so an API judge with no key in the
+    environment plans (exit 0); the real run is refused with one line (exit 2), before a call."""
+    src = _write(tmp_path / "in.jsonl", _fault_records())
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    cache = str(tmp_path / "c.sqlite")
+    for backend, env in (("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")):
+        d = run_cli("judge", str(src), "-O", "harmless", "-b", backend, "-m", "judge-x", "--cache", cache, "--dry-run")
+        assert d.returncode == 0, d.stderr.decode()
+        plan = json.loads(d.stdout)
+        assert (plan["units"], plan["calls"], plan["cached"], plan["token_count"]) == (24, 24, 0, "chars/4")
+        r = run_cli("judge", str(src), "-O", "harmless", "-b", backend, "-m", "judge-x", "--cache", cache,
+                    "-o", str(tmp_path / f"{backend}.jsonl"))
+        assert r.returncode == 2 and f"needs {env} in the environment" in r.stderr.decode()
+        assert not (tmp_path / f"{backend}.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     src = _write(tmp_path / "in.jsonl", _fault_records())

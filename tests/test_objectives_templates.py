@@ -176,6 +176,34 @@ def test_a_broken_user_objective_file_blocks_only_what_it_declares(tmp_path, mon
     assert r.returncode == 2 and f"error: objective 'helpful': {helpful_err}" in r.stderr.decode()
 
 
+def test_user_files_that_clash_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """Trial finding: two files of $METAALIGN_HOME/objectives declaring one name, or one whose
+    alias is a built-in's name, stopped every command. Each is skipped with its warning (the
+    two of a name both); naming what they declare fails with that error; a broken file's
+    declared name (not only its file name) points to it; the rest works."""
+    from metaalign_cli.errors import ConfigError
+
+    objs = tmp_path / "home" / "objectives"
+    objs.mkdir(parents=True)
+    (objs / "dupA.yaml").write_text("name: dup1\ndescription: One.\n")
+    (objs / "dupB.yaml").write_text("name: dup1\ndescription: Two.\n")
+    (objs / "clash.yaml").write_text("aliases: [helpful]\ndescription: Clash.\n")
+    (objs / "typo.yaml").write_text("name: empath\ndescripton: Feel.\n")
+    (objs / "fine.yaml").write_text("description: Fine.\n")
+    monkeypatch.setenv("METAALIGN_HOME", str(tmp_path / "home"))
+    objset = load_objectives()
+    assert objset.get("fine").description == "Fine." and objset.get("helpful").source.endswith("data/objectives/helpful.yaml")
+    dup = f"{objs / 'dupB.yaml'}: objective 'dup1' is also declared in {objs / 'dupA.yaml'}"
+    clash = f"{objs / 'clash.yaml'}: alias 'helpful' is also the name of objective 'helpful' ("
+    for name, err in (("dup1", dup), ("dupA", dup), ("clash", clash), ("empath", f"{objs / 'typo.yaml'}: line 2: ")):
+        with pytest.raises(ConfigError) as e:
+            objset.get(name)
+        assert str(e.value).startswith(f"objective '{name}': {err}"), str(e.value)
+    notes = objset.notes([])
+    assert len(notes) == 3 and f"{dup} (skipped: fix or remove the file)" in notes
+    assert any(n.startswith(clash) for n in notes) and any("typo.yaml" in n for n in notes)
+
+
 def test_an_alias_lost_by_an_override_is_named(tmp_path):
     """Trial finding: a file that replaces a built-in without its aliases answered the old
     alias with a bare 'unknown objective'."""
@@ -271,6 +299,25 @@ def test_loop_guard_detection():
     assert is_looping([5] * 48) and not is_looping([5] * 47)
     cycle = list(range(40))
     assert is_looping([0] * 3 + cycle * 3) and not is_looping(cycle * 2 + [99])
+
+
+def test_loop_guard_counts_list_numbers_as_equal_only_in_a_unit_of_words():
+    """A numbered list whose items repeat is a loop (numbers count as equal), but counting, a
+    table column of numbers, or a unit with fewer than three words is not."""
+    from metaalign_cli.backends.base import WORDS, is_looping, loop_cut
+
+    def words(unit, n=60):
+        return " ".join(unit.format(i=i) for i in range(1, n)).split()
+
+    boil = words("{i}. Boil an egg.")  # 4 words a unit: the 48th word ends unit 12
+    assert not is_looping(boil) and loop_cut(boil) is None  # without kinds: no two units alike
+    assert is_looping(boil[:48], kinds=WORDS) and not is_looping(boil[:47], kinds=WORDS)
+    assert loop_cut(boil, kinds=WORDS) == 48
+    assert loop_cut(words("Day {i}: rest at home."), kinds=WORDS) == 48  # 3 words besides the number
+    assert loop_cut(words("{i},", 100), kinds=WORDS) is None  # counting
+    assert loop_cut(words("| {i} | Yes |"), kinds=WORDS) is None  # one word a row (two rows hold two)
+    assert loop_cut(words("{i}. Boil eggs."), kinds=WORDS) is None  # two words a unit
+    assert loop_cut(words("Step {i}: boil it for {i} minutes."), kinds=WORDS) == 48  # two numbers a unit
 
 
 def test_alias_that_names_another_objective_is_rejected(tmp_path):

@@ -52,6 +52,22 @@ def test_resume_refuses_to_mix_auto_and_a_fixed_cap(tmp_path, scripted_backend):
     assert r.returncode == 0 and [o["id"] for o in rows(out.read_bytes())] == [1, 2]
 
 
+def test_resume_redoes_rows_whose_correction_is_not_a_text(tmp_path, scripted_backend):
+    """A finished row whose output field was edited to null (or a number) is not a result:
+    --resume drops it and corrects the record again, in input order."""
+    out = tmp_path / "o.jsonl"
+    inp = "".join(json.dumps({"id": i, "query": "q", "response": f"a{i}"}) + "\n" for i in range(4))
+    assert cli("correct", "-b", "scripted", "-O", "helpful", "-o", str(out), input=inp).returncode == 0
+    good = rows(out.read_bytes())
+    edited = [dict(o, corrected=None) if o["id"] == 1 else dict(o, corrected=5) if o["id"] == 2 else o for o in good]
+    out.write_text("".join(json.dumps(o) + "\n" for o in edited))
+    scripted_backend.calls = []
+    r = cli("correct", "-b", "scripted", "-O", "helpful", "--resume", "-o", str(out), input=inp)
+    assert r.returncode == 0, r.stderr.decode()
+    assert sum(len(c) for c in scripted_backend.calls) == 2  # ids 1 and 2 corrected again, 0 and 3 kept
+    assert [(o["id"], o["corrected"]) for o in rows(out.read_bytes())] == [(o["id"], o["corrected"]) for o in good]
+
+
 def test_chunks_follow_the_backend_and_output_keeps_input_order(scripted_backend):
     inp = "".join(json.dumps({"id": i, "query": "q", "response": "same length"}) + "\n" for i in range(7))
     r = cli("correct", "-b", "scripted", "-O", "helpful", "--batch-size", "3", input=inp)
@@ -247,6 +263,8 @@ def test_trim_loop_hand_worked():
     # list numbers, initials and abbreviations do not end a sentence; a closing » does
     assert trim_loop("Of course! Mr. Smith and Mr. Smith and Mr. Smith and Mr. Sm") == "Of course! Mr. Smith and"
     assert trim_loop("1. First 2. Second 2. Second 2. Second 2. Sec") == "1. First 2. Second"
+    # list numbers count as equal: a numbered list whose items repeat keeps its first item
+    assert trim_loop("Steps: 1. Boil an egg. 2. Boil an egg. 3. Boil an egg. 4. Bo") == "Steps: 1. Boil an egg."
     assert trim_loop("He replied: «Oui.» and «Oui.» and «Oui.» an") == "He replied: «Oui.»"
     # a repetition with no sentence end at all: the first copy of the unit
     assert trim_loop("very very very very very") == "very"

@@ -520,6 +520,36 @@ def _fake_run(tiny: Path, run: Path) -> dict:
     return card
 
 
+def test_install_refuses_to_replace_another_runs_corrector_without_overwrite(tmp_path):
+    """`export RUN --install NAME` over a corrector installed from another run is refused (exit 2,
+    one line, nothing changed) unless --overwrite, which replaces it whole (the old files go);
+    the same run installed again (a newer export of it) needs no flag."""
+    home = tmp_path / "home"
+    env = {"METAALIGN_HOME": str(home)}
+    for name in ("a", "b"):
+        (tmp_path / name / "gguf").mkdir(parents=True)
+        (tmp_path / name / "gguf" / f"{name}.gguf").write_bytes(name.encode() * 10)
+        (tmp_path / name / "metaalign.json").write_text(json.dumps({"gguf": f"gguf/{name}.gguf", "template": "hh-rlhf"}))
+    inst = home / "models" / "mine"
+
+    def installed():
+        return sorted(p.name for p in inst.iterdir()), json.loads((inst / "metaalign.json").read_text())["installed_from"]
+
+    assert run_cli("export", str(tmp_path / "a"), "--install", "mine", env=env).returncode == 0
+    assert installed() == (["a.gguf", "metaalign.json"], str(tmp_path / "a"))
+    r = run_cli("export", str(tmp_path / "b"), "--install", "mine", env=env)
+    assert r.returncode == 2 and one_line_error(r.stderr) == (
+        f"error: {inst}: corrector 'mine' is installed there already (from {tmp_path / 'a'}); "
+        "use --overwrite to replace it, or another NAME")
+    assert installed() == (["a.gguf", "metaalign.json"], str(tmp_path / "a"))
+    r = run_cli("export", str(tmp_path / "b"), "--install", "mine", "--overwrite", env=env)
+    assert r.returncode == 0 and r.stdout.decode() == f"installed\t{inst}\n"
+    assert installed() == (["b.gguf", "metaalign.json"], str(tmp_path / "b"))
+    assert run_cli("export", str(tmp_path / "b"), "--install", "mine", env=env).returncode == 0  # the same run
+    assert installed() == (["b.gguf", "metaalign.json"], str(tmp_path / "b"))
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["mine"]  # no staging left
+
+
 @pytest.mark.slow
 def test_install_does_not_change_the_run_and_a_moved_run_still_loads(tmp_path, tiny_llama_dir):
     """Item 9: `export RUN --install NAME` after an export installs that export: no new f16

@@ -125,6 +125,62 @@ def test_loop_guard_cuts_a_looping_answer_as_local_backends_stop(tiny_llama_dir)
     assert trimmed["metaalign"]["finish_reason"] == "loop" and trimmed["metaalign"]["loop_trimmed"] is True
 
 
+def test_loop_guard_cuts_a_numbered_list_loop_but_not_counting(tiny_llama_dir):
+    """A numbered list whose items repeat (the numbers change, nothing else) is a loop on the
+    tokenizer's ids and on words alike; trimmed, the first item is kept. A count is no loop."""
+    loop = "Here is how: " + " ".join(f"{i}. Boil an egg." for i in range(1, 40))
+    count = " ".join(f"{i}," for i in range(1, 120))
+    out = {}
+    for name, answer in (("loop", loop), ("count", count)):
+        with FaultServer(lambda p, a=answer: a) as srv:
+            for tok in ((), ("--tokenizer", str(tiny_llama_dir))):
+                r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", *tok, input=records(1))
+                out[name, bool(tok)] = lines(r.stdout)[0]
+    for tok in (False, True):
+        assert out["loop", tok]["metaalign"]["finish_reason"] == "loop"
+        assert out["loop", tok]["corrected"] == "Here is how: 1. Boil an egg."
+        assert out["count", tok]["metaalign"]["finish_reason"] == "stop"
+        assert out["count", tok]["corrected"] == count
+
+
+def test_secrets_a_server_quotes_back_are_never_written(tmp_path):
+    """A gateway whose 401 quotes the request's credentials back (the API key in its
+    Authorization or x-api-key header, the base URL's user:password as Basic, a key in its
+    query): none of them reaches stderr, the output rows of `correct --on-error keep` or
+    `judge`'s rows; each is masked as REDACTED."""
+    import base64
+
+    key = "sk-TESTSECRET-abc123XYZ"
+    secrets = (key, "hunter2pw", base64.b64encode(b"bob:hunter2pw").decode(), "URLKEY10x")
+    env = {"OPENAI_API_KEY": key, "ANTHROPIC_API_KEY": key}
+    with FaultServer(lambda p: "fixed", lambda p, n: "401echo") as srv:
+        url = srv.url.replace("http://", "http://bob:hunter2pw@") + "?api_key=URLKEY10x"
+        runs = {
+            "correct-openai": ("correct", "--base-url", url, "-m", "m", "-O", "harmless", "--retries", "0",
+                               "--on-error", "keep", "-o", str(tmp_path / "c.jsonl")),
+            "correct-bearer": ("correct", "--base-url", srv.url, "-m", "m", "-O", "harmless", "--retries", "0",
+                               "--on-error", "keep", "-o", str(tmp_path / "b.jsonl")),
+            "correct-anthropic": ("correct", "-b", "anthropic", "--base-url", srv.url.removesuffix("/v1"), "-m", "m",
+                                  "-O", "harmless", "--retries", "0", "--on-error", "keep", "-o", str(tmp_path / "a.jsonl")),
+        }
+        out = {}
+        for name, args in runs.items():
+            r = run_cli(*args, input=records(2), env=env)
+            assert r.returncode == 1, (name, r.stderr.decode())
+            out[name] = r.stderr.decode() + (tmp_path / args[-1].split("/")[-1]).read_text()
+        judged = [json.dumps({"id": "j", "query": "Q?", "response": "A.", "golden": "G."}) + "\n"]
+        (tmp_path / "j.jsonl").write_text("".join(judged))
+        r = run_cli("judge", str(tmp_path / "j.jsonl"), "-O", "harmless", "--candidate-field", "response",
+                    "--base-url", url, "-m", "m", "--retries", "0", "--no-cache", "-o", str(tmp_path / "jo.jsonl"), env=env)
+        assert r.returncode == 1, r.stderr.decode()
+        out["judge"] = r.stderr.decode() + (tmp_path / "jo.jsonl").read_text()
+    assert srv.requests >= 7  # every run reached the server, which quoted the credentials back
+    for name, text in out.items():
+        assert "Incorrect API key provided" in text and "REDACTED" in text, (name, text)
+        for secret in secrets:
+            assert secret not in text, (name, secret, text)
+
+
 def test_tokenizer_fits_prompts_to_max_model_len(tiny_llama_dir):
     """With --tokenizer and --max-model-len the query is cut from its start before sending, so
     the prompt the server gets fits: prompt tokens + max_new_tokens <= max_model_len."""

@@ -503,5 +503,42 @@ def test_resume_of_a_run_with_a_stage_skipped_as_too_long_leaves_it_untouched(tm
     mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.is_file()}
     p = run_cli(*args, "--resume")
     assert p.returncode == 0, p.stderr.decode()[-3000:]
-    assert "already complete" in p.stderr.decode() and "nothing redone" in p.stderr.decode()
+    assert (f"{out}: the run is already complete (preference trained, warmup skipped (every sequence longer than "
+            "max_length), equal skipped (no data); model, card written); nothing redone") in p.stderr.decode()
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.is_file()} == mtimes
+
+
+def test_bad_training_options_are_one_line_errors_before_training(tmp_path, tiny_dir):
+    """A trial's tracebacks: an --output that is a file, transformers names it does not know,
+    a LoRA target list naming no module or none of the model's, --device cuda without a CUDA
+    GPU, a stage named twice. Each is one line, exit 2, and nothing is trained or written."""
+    import torch
+
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text("".join(json.dumps({"prompt": f"Q{i}: say hi", "target": "hi"}) + "\n" for i in range(4)),
+                    encoding="utf-8")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ("train", "--preference", str(pref), "-m", str(tiny_dir), "--max-steps", "1", "--stages", "preference")
+    out = str(tmp_path / "run")
+    cases = [
+        (("-o", str(afile)), f"{afile}: is a file; --output takes a directory"),
+        (("-o", out, "--optimizer", "bogus"), "--optimizer: unknown transformers name 'bogus' (known: adamw_torch"),
+        (("-o", out, "--lr-scheduler", "cosin"), "--lr-scheduler: unknown transformers name 'cosin' (did you mean 'cosine'?)"),
+        (("-o", out, "--lora-r", "2", "--lora-target", ","), "--lora-target names no module"),
+        (("-o", out, "--lora-r", "2", "--lora-target", "nope_proj"), "--lora-target nope_proj: Target modules"),
+        (("-o", out, "--stages", "preference,preference"), "--stages names a stage twice (preference,preference)"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((("-o", out, "--device", "cuda"), "--device cuda: torch sees no CUDA GPU here"))
+    for args, msg in cases:
+        p = run_cli(*base, *args)
+        err = p.stderr.decode()
+        assert p.returncode == 2 and msg in err and "Traceback" not in err, (args, p.returncode, err[-1500:])
+        assert sum(x.startswith("error") for x in err.splitlines()) == 1, err
+    assert afile.read_text() == "x" and not (tmp_path / "run" / "stages").exists()
+    if not torch.cuda.is_available():
+        rec = json.dumps({"query": "Q?", "response": "A."}) + "\n"
+        p = run_cli("correct", "-b", "transformers", "-m", str(tiny_dir), "--device", "cuda", "-O", "harmless", input=rec)
+        assert p.returncode == 2 and "--device cuda: torch sees no CUDA GPU here" in p.stderr.decode()
+        assert "Traceback" not in p.stderr.decode()

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from metaalign_cli import __version__
-from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, check_not_replacing,
+from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, EXIT_USAGE, check_not_replacing,
                                       check_output, cli_errors, console, fail, note_stdin, progress_bar,
                                       quiet_libraries, say, silence_stdout)
 from metaalign_cli.config import CorrectConfig, ObjectivesConfig
@@ -113,8 +113,8 @@ def correct_main(cfg: CorrectConfig, given: dict) -> None:
             except RecordFailed as e:  # (a MetaAlignError: caught here, before cli_errors makes it exit 2)
                 raise fail(str(e.cause), EXIT_USAGE if e.is_input else EXIT_FAILED) from None
     except BrokenPipeError:
-        silence_stdout()  # the reader went away (`| head -1`): stop quietly, as Unix filters do
-        raise typer.Exit(EXIT_OK)
+        silence_stdout()  # the reader went away (`| head -1`): stop quietly, as Unix filters do,
+        raise typer.Exit(EXIT_PIPE)  # but not with 0: records were left uncorrected
     except KeyboardInterrupt:  # Ctrl-C: every record written so far is whole (JsonlWriter)
         more = f"; the same command with --resume continues {cfg.output}" if cfg.output != "-" else ""
         say(f"interrupted{more}")

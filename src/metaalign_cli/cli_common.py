@@ -23,6 +23,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_PIPE = 141  # the reader of stdout went away (`| head -1`): 128 + SIGPIPE, as a Unix filter ends
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> "typer.Exit":
@@ -58,7 +59,7 @@ def cli_errors() -> Iterator[None]:
         raise fail(str(e)) from None
     except BrokenPipeError:
         silence_stdout()
-        raise typer.Exit(EXIT_OK) from None
+        raise typer.Exit(EXIT_PIPE) from None
 
 
 def check_output(output: str | Path, flag: str = "-o", suffixes: tuple[str, ...] = ()) -> None:

@@ -106,10 +106,11 @@ def build_options(cfg):
                         strict=cfg.strict, count_tokens=count_tokens)
 
 
-def check_output_dir(output: Path, overwrite: bool) -> None:
+def check_output_dir(output: Path, overwrite: bool, inputs: list[str] = ()) -> None:
     """Fail before reading anything when ``output`` cannot hold the build: a file, an earlier
-    build without ``--overwrite``, or a place where no directory can be made (its nearest
-    existing ancestor is not a writable directory)."""
+    build without ``--overwrite``, a build file that is one of ``inputs`` (``--overwrite`` would
+    replace what it reads), or a place where no directory can be made (its nearest existing
+    ancestor is not a writable directory)."""
     import os
 
     from metaalign_cli.cli_common import fail
@@ -117,6 +118,15 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
 
     if output.exists() and not output.is_dir():
         raise fail(f"{output}: exists and is not a directory")
+    written = {(st.st_dev, st.st_ino): p for p in output_files(output) if p.exists() for st in [p.stat()]}
+    for i in inputs:
+        try:
+            st = os.stat(i)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in written:
+            raise fail(f"{i}: is an input, and the build in {output} writes {written[st.st_dev, st.st_ino]}; "
+                       "choose another output directory")
     if not overwrite and output.is_dir():
         old = [p for p in output_files(output) if p.exists()]
         if old:
@@ -136,7 +146,7 @@ def build_data_main(cfg, given: dict) -> None:
     from metaalign_cli.dataset import build_data
 
     output = Path(cfg.output)
-    check_output_dir(output, cfg.overwrite)
+    check_output_dir(output, cfg.overwrite, cfg.inputs)
     quiet_libraries(cfg.quiet)
     with cli_errors():
         try:
@@ -159,6 +169,10 @@ def build_data_main(cfg, given: dict) -> None:
             raise fail(f"{output}: cannot write the dataset: {e.strerror or e}")
     if not cfg.quiet:
         print_summary(stats.to_dict(), output, console)
+        for w in stats.repairs[:3]:  # (lone surrogates; every one is counted in stats.json)
+            say(f"warning: {w}")
+        if len(stats.repairs) > 3:
+            say(f"warning: ... and {len(stats.repairs) - 3} more field(s) repaired (stats.json: repaired_fields)")
     total = sum(stats.to_dict()["items_total"].values())
     train = sum(stats.to_dict()["items"].get("train", {}).values())
     if total and not train and not cfg.quiet:  # (e.g. --validation-ratio 1: every query held out)

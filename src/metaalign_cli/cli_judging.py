@@ -8,8 +8,9 @@ from pathlib import Path
 
 import typer
 
-from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, check_not_replacing, check_output,
-                                      cli_errors, console, fail, note_stdin, progress_bar, quiet_libraries, say)
+from metaalign_cli.cli_common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, check_not_replacing, check_output,
+                                      cli_errors, console, fail, note_stdin, progress_bar, quiet_libraries, say,
+                                      silence_stdout)
 from metaalign_cli.config import JudgeConfig
 
 DOC = """Judge candidates against golden responses (win rate, Algorithm 2) or score them 0-10
@@ -110,8 +111,10 @@ def _judge(cfg: JudgeConfig, plan):
 
     def on_model(label: str) -> None:
         if not cfg.quiet:  # (a dry run too: it says which judge the real run would ask)
-            note = " (tiny: expect many invalid answers; pass --model/--base-url for a real judge)" \
-                if "prompted" in label else ""
+            # the paper's prompts are beyond it (invalid answers); a short template of your own is
+            # answered, but by a 135M model
+            tiny = "its verdicts mean little" if cfg.template else "expect many invalid answers"
+            note = f" (tiny: {tiny}; pass --model/--base-url for a real judge)" if "prompted" in label else ""
             console.print(f"[dim]judging with {escape(label)}{note}[/]")
 
     bar = progress_bar(cfg.quiet or cfg.dry_run, MofNCompleteColumn(),
@@ -129,6 +132,9 @@ def _judge(cfg: JudgeConfig, plan):
             more = f"; the same command with --resume continues {cfg.output}" if cfg.output != "-" else ""
             say(f"interrupted{more}")
             raise typer.Exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `| head`: quiet, as `correct` (and Unix filters) stop
+            silence_stdout()
+            raise typer.Exit(EXIT_PIPE)
         except OSError as e:
             where = cfg.output if cfg.output != "-" else "<stdout>"
             raise fail(f"{where}: cannot write output: {e.strerror or e} (the judgments before it are kept)")

@@ -111,6 +111,8 @@ def export_cmd(
                                           help="Install the corrector as NAME in $METAALIGN_HOME/models "
                                                "('default' makes it `correct`'s default model), from RUN's "
                                                "export as it is: RUN is not changed."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="With --install: replace a corrector installed as NAME from another run."),
 ):
     """Convert a trained corrector to GGUF for `correct --backend llama-cpp` (the gguf package
     writes f16 and f32; llama-cpp-python's quantize API makes q8_0, q4_k_m and the others).
@@ -124,12 +126,12 @@ def export_cmd(
     f16)."""
     with cli_errors():
         from metaalign_cli.export import export_gguf
-        from metaalign_cli.correctors import check_name, install_corrector
+        from metaalign_cli.correctors import check_install, install_corrector
 
         from metaalign_cli.correctors import read_card
 
         if install is not None:
-            check_name(install)  # before the (slow) export
+            check_install(model_dir, install, overwrite)  # before the (slow) export
         # Installing takes the run's export as it is: a new f16 GGUF written into RUN, and RUN's
         # card repointed to it, would switch `correct --model RUN` from the q8_0 it had (issue 14).
         exported = install is not None and types is None and output is None and bool(read_card(model_dir).get("gguf"))
@@ -138,7 +140,7 @@ def export_cmd(
             out = export_gguf(model_dir, [t.strip() for t in (types or "f16").split(",") if t.strip()],
                               out_dir=output, lora=lora, log=lambda m: console.print(m, markup=False))
         if install:
-            out["installed"] = str(install_corrector(model_dir, install))
+            out["installed"] = str(install_corrector(model_dir, install, overwrite))
     for q, p in out.items():
         print(f"{q}\t{p}")
 

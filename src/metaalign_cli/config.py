@@ -371,8 +371,13 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
         if self.output_field in ("metaalign", "error"):
             bad("output_field", f"'{self.output_field}' is reserved for the provenance object and errors; "
                                 "choose another name")
-        if self.output_field in {f for f in (self.query_field, self.response_field) if f}:
-            bad("output_field", f"'{self.output_field}' would overwrite the input's query or response field")
+        from metaalign_cli.records import QUERY_FIELDS, RESPONSE_FIELDS
+
+        read = {*((self.query_field,) if self.query_field else QUERY_FIELDS),
+                *((self.response_field,) if self.response_field else RESPONSE_FIELDS), "id", "messages"}
+        if self.output_field in read:
+            bad("output_field", f"'{self.output_field}' would overwrite the input's query, response or id field "
+                                f"(read from: {', '.join(sorted(read))}); choose another name")
         if self.resume and self.output == "-":
             bad("resume", "needs -o FILE")
         if self.dry_run and self.resume:

@@ -639,6 +639,8 @@ def run_correct(cfg: "CorrectConfig", backend: Backend | None = None,
         on_model(resolved.label)
     if resolved is not None and resolved.hub_note and (generates or cfg.dry_run):
         warn(resolved.hub_note)
+    if resolved is not None and (note := resolved.prompt_note(tpl.name, opts.prompt_format or tpl.prompt_format)):
+        warn(note)
     label = resolved.label if resolved is not None else backend.model_id
     if cfg.dry_run:
         return write_prompts(items, opts, cfg.output, label, warn)

@@ -166,23 +166,39 @@ def check_name(name: str) -> str:
     return name
 
 
-def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
+def check_install(run_dir: str | Path, name: str, overwrite: bool = False) -> None:
+    """Refuse to install over another corrector: raises MetaAlignError when ``name`` is
+    installed already from a run other than ``run_dir``, unless ``overwrite``. The same run
+    installed again (a newer export of it) passes. Also :func:`check_name`."""
+    check_name(name)
+    old = read_card(models_dir() / name)
+    if old and not overwrite and old.get("installed_from") != str(Path(run_dir).resolve()):
+        raise MetaAlignError(f"{models_dir() / name}: corrector '{name}' is installed there already (from "
+                             f"{old.get('installed_from', 'elsewhere')}); use --overwrite to replace it, or another NAME")
+
+
+def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME, overwrite: bool = False) -> Path:
     """Copy an exported corrector from a `metaalign train` output directory into
     ``models_dir()/name`` (a GGUF LoRA adapter when the run has one, else its GGUF) with a
     relocatable card, so that ``correct --model NAME`` (or, for ``default``, plain ``correct``)
-    uses it. Returns the installed directory.
+    uses it. What was installed under ``name`` before is replaced whole (its files removed),
+    which another run's install needs ``overwrite`` for (:func:`check_install`). Returns the
+    installed directory.
 
-    Raises MetaAlignError when the run has no GGUF export (run ``metaalign export`` first).
+    Raises MetaAlignError when the run has no GGUF export (run ``metaalign export`` first) or
+    :func:`check_install` refuses.
     """
-    check_name(name)
+    check_install(run_dir, name, overwrite)
     run = Path(run_dir)
     card = read_card(run)
     if not card:
         raise MetaAlignError(f"{run}: no {MODEL_CARD} (not a `metaalign train` output directory)")
     if not card.get("gguf"):
         raise MetaAlignError(f"{run}: no GGUF export yet; run `metaalign export {run}` first")
-    dst = models_dir() / name
-    dst.mkdir(parents=True, exist_ok=True)
+    final = models_dir() / name
+    dst = final.with_name(f".{name}.installing")  # made whole, then put in place of the old one
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
     out = {k: v for k, v in card.items() if k not in ("gguf", "lora", "gguf_lora")}
     out["installed_from"] = str(run.resolve())
 
@@ -201,7 +217,10 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME) -> Path:
     else:
         out["gguf"] = place(card["gguf"])
     (dst / MODEL_CARD).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return dst
+    if final.exists():
+        shutil.rmtree(final)
+    dst.rename(final)
+    return final
 
 
 def is_embedded(path: str | None) -> bool:

@@ -72,6 +72,19 @@ class ResolvedModel:
         """The template the corrector was trained with (None: not a trained corrector)."""
         return self.card.get("template")
 
+    def prompt_note(self, template: str, prompt_format: str | None) -> str | None:
+        """A note when a trained corrector is given prompts other than those it was trained on
+        (``template``, the correction template's name, and ``prompt_format`` as ``correct`` will
+        render them): it has never seen them, and its corrections are likely worse. None when
+        they are its own, or the model is not a trained corrector."""
+        trained, fmt = self.template, self.card.get("prompt_format")
+        if not trained or (template == trained and (not fmt or not prompt_format or prompt_format == fmt)):
+            return None
+        own = f"the '{trained}' template" + (f" ({fmt} prompts)" if fmt else "")
+        given = f"'{template}'" + (f" ({prompt_format} prompts)" if prompt_format and fmt else "")
+        return (f"{self.label} was trained on {own}; {given} renders prompts it has not seen, so expect worse "
+                "corrections (leave out --template/--prompt-format to use its own)")
+
     @property
     def repeat_penalty(self) -> float | None:
         """The repeat penalty the card says the corrector was judged with (its

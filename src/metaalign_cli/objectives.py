@@ -117,7 +117,7 @@ class ObjectiveSet:
 
     by_name: dict[str, Objective] = field(default_factory=dict)
     replaced: dict[str, Objective] = field(default_factory=dict)  # name -> the objective a later file replaced
-    broken: dict[str, ConfigError] = field(default_factory=dict)  # file stem key -> why the user file was skipped
+    broken: dict[str, ConfigError] = field(default_factory=dict)  # file stem or name key -> why a user file was skipped
 
     def add(self, obj: Objective) -> None:
         """Add or override (same name) an objective; what it overrides is kept in ``replaced``."""
@@ -135,7 +135,7 @@ class ObjectiveSet:
         - a file of the user directory that did not load and was skipped (every run says so).
 
         Returns one line per finding, naming the file; [] when there is nothing to say."""
-        out = [f"{e} (skipped: fix or remove the file)" for e in self.broken.values()]
+        out = [f"{e} (skipped: fix or remove the file)" for e in dict.fromkeys(self.broken.values())]
         for o in objectives:
             old = self.replaced.get(o.name)
             if old is not None:
@@ -271,15 +271,12 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
     given = list({Path(f).resolve(): Path(f) for f in files}.values())  # a file given twice counts once
     layers = [(d, sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml")))) for d in sources] + [(None, given)]
     for d, layer in layers:
+        if d is not None and d == user:
+            _add_user_layer(objset, layer)
+            continue
         seen: dict[str, Objective] = {}
         for f in layer:
-            try:
-                obj = load_objective_file(f)
-            except ConfigError as e:
-                if d is None or d != user:
-                    raise
-                objset.broken[_key(f.stem)] = e
-                continue
+            obj = load_objective_file(f)
             if obj.name in seen:
                 raise ConfigError(f"{obj.source}: objective '{obj.name}' is also declared in {seen[obj.name].source}")
             seen[obj.name] = obj
@@ -293,6 +290,55 @@ def load_objectives(dirs: Iterable[str | Path] = (), files: Iterable[str | Path]
             what = "the name" if _key(other.name) == _key(a) else "an alias"
             raise ConfigError(f"{obj.source}: alias '{a}' is also {what} of objective '{other.name}' ({other.source})")
     return objset
+
+
+def _add_user_layer(objset: ObjectiveSet, files: list[Path]) -> None:
+    """Add the objective files of the user directory to ``objset``, skipping (into
+    ``objset.broken``, under the file's stem and the name it declares) each that does not
+    validate, declares a name another of them declares too (both), or has an alias that is the
+    name or an alias of another objective: one bad file there must not stop every command."""
+    import yaml
+
+    loaded: list[Objective] = []
+    for f in files:
+        try:
+            loaded.append(load_objective_file(f))
+        except ConfigError as e:
+            objset.broken[_key(f.stem)] = e
+            try:  # the name it meant to declare, so that naming it points here
+                raw = yaml.safe_load(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                raw = None
+            if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"].strip():
+                objset.broken.setdefault(_key(raw["name"]), e)
+    by_name: dict[str, list[Objective]] = {}
+    for obj in loaded:
+        by_name.setdefault(obj.name, []).append(obj)
+    kept = []
+    for name, objs in by_name.items():
+        if len(objs) > 1:
+            err = ConfigError(f"{objs[1].source}: objective '{name}' is also declared in {objs[0].source}")
+            for o in objs:
+                objset.broken[_key(Path(o.source).stem)] = err
+            objset.broken[_key(name)] = err
+        else:
+            kept.append(objs[0])
+    present = {**objset.by_name, **{o.name: o for o in kept}}
+    for obj in kept:
+        others = [o for o in present.values() if o is not obj]
+        clash = next(((a, o) for a in obj.aliases for o in others
+                      if _key(a) in {_key(o.name), *map(_key, o.aliases)}), None)
+        if clash is None:
+            objset.add(obj)
+            continue
+        a, other = clash
+        what = "the name" if _key(other.name) == _key(a) else "an alias"
+        err = ConfigError(f"{obj.source}: alias '{a}' is also {what} of objective '{other.name}' ({other.source})")
+        objset.broken[_key(Path(obj.source).stem)] = err
+        objset.broken.setdefault(_key(obj.name), err)
+        present.pop(obj.name)
+        if obj.name in objset.by_name:
+            present[obj.name] = objset.by_name[obj.name]
 
 
 def render_objectives(objectives: Iterable[Objective], template: str | None = None,

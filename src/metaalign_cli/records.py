@@ -620,7 +620,8 @@ class DoneRecords:
     """What an output file already holds, for ``--resume``: ``keys``, how many records of
     each key (``id:<id>`` or ``line:<n>``; a count, so repeated ids resume correctly), and
     ``failed_lines``, the output lines of records an earlier ``--on-error keep`` run kept as
-    failed (an ``error`` field and our provenance object, no output field). Those are not done:
+    failed (an ``error`` field and our provenance object, no output field), and of rows whose
+    output field is not a text (null, an edited file's number). Those are not done:
     a failure is never kept as a result, so ``--resume`` drops those lines
     (:func:`drop_lines`) and redoes the records, and :func:`restore_input_order` puts the
     finished file back in input order."""
@@ -671,8 +672,8 @@ def done_records(path: str | os.PathLike, output_field: str = "corrected",
         if not isinstance(rec.get(key_field), dict):
             raise InputError(f"no '{key_field}' provenance object: --resume only continues a file metaalign wrote "
                              "(is -o the input file?)", source=str(p), line=lineno)
-        if "error" in rec and output_field not in rec:
-            done.failed_lines.append(lineno)  # not done: redone (see DoneRecords)
+        if ("error" in rec and output_field not in rec) or not isinstance(rec.get(output_field), str):
+            done.failed_lines.append(lineno)  # not done (a failure, or no correction text): redone
             continue
         key = None
         if rec.get("id") is not None:

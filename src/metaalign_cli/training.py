@@ -21,6 +21,7 @@ Heavy imports (torch, transformers, trl, peft, datasets) happen inside the funct
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import random
@@ -156,6 +157,11 @@ class TrainConfig:
             raise Invalid("qlora", "needs lora_r (QLoRA trains a LoRA adapter on a 4-bit base)")
         if not self.stages:
             raise Invalid("stages", "needs at least one stage")
+        if len(set(self.stages)) < len(self.stages):
+            raise Invalid("stages", f"names a stage twice ({','.join(self.stages)}); each runs once, in the order "
+                                    "warmup, equal, preference")
+        if not [m for m in self.lora_target.split(",") if m.strip()]:
+            raise Invalid("lora_target", "names no module (all-linear, or comma-separated names such as q_proj,v_proj)")
         self.report_to = [n.strip().lower() for n in self.report_to if n.strip()]
         if "none" in self.report_to and len(self.report_to) > 1:
             raise Invalid("report_to", "'none' cannot be combined with trackers")
@@ -526,6 +532,21 @@ def check_report_to(names: list[str], source: str = "--report-to") -> None:
                               f"(known: none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
         if n not in installed:
             raise ConfigError(f"{source}: '{n}' is not installed (pip install {REPORT_PACKAGES.get(n, n)})")
+
+
+def check_trainer_names(cfg: TrainConfig) -> None:
+    """Raise ConfigError unless ``cfg.optimizer`` and ``cfg.lr_scheduler`` are names
+    transformers knows (``OptimizerNames``, ``SchedulerType``): checked before any model loads,
+    not as a traceback from ``TrainingArguments``."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, value, known in (("--optimizer", cfg.optimizer, [o.value for o in OptimizerNames]),
+                               ("--lr-scheduler", cfg.lr_scheduler, [s.value for s in SchedulerType])):
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            raise ConfigError(f"{flag}: unknown transformers name '{value}'"
+                              + (f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"))
 
 
 # ---------------------------------------------------------------- training
@@ -1007,6 +1028,8 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     say = log or (lambda m: None)
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise MetaAlignError(f"{out}: is a file; --output takes a directory")
     if out.exists() and (out / "stages").exists() and not resume:
         raise MetaAlignError(f"{out}: already holds a training run; use --resume to continue it or another --output")
     recorded = resume and (out / CONFIG_FILE).is_file()
@@ -1015,8 +1038,11 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
         finished = completed_run(cfg, [s for s in STAGES if s in cfg.stages])
         if finished is not None:
             exported = f" and GGUF {','.join(cfg.export_gguf)}" if cfg.export_gguf else ""
-            say(f"{out}: the run is already complete ({', '.join(cfg.stages)} trained; model, card{exported} "
-                f"written); nothing redone")
+            trained = [r.stage for r in finished.reports if r.skipped == "done in an earlier run"]
+            skipped = "".join(f", {r.stage} skipped ({r.skipped})" for r in finished.reports
+                              if r.skipped != "done in an earlier run")
+            say(f"{out}: the run is already complete ({', '.join(trained) or 'no stage'} trained{skipped}; "
+                f"model, card{exported} written); nothing redone")
             finished.seconds = round(time.perf_counter() - t_start, 2)
             return finished
     # Cheap checks first: bad data or a missing model file fail before torch loads.
@@ -1037,14 +1063,15 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
     prompt_format = cfg.prompt_format or tpl.prompt_format
     chat = prompt_format == "chat"
     check_report_to(cfg.report_to)
+    check_trainer_names(cfg)
 
     import torch
     from transformers import set_seed
 
-    from metaalign_cli.backends.hf import pick_attention
+    from metaalign_cli.backends.hf import pick_attention, pick_device
 
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = "cuda" if use_cuda else "cpu"
+    device = pick_device(cfg.device) if cfg.device == "cuda" else "cuda" if (
+        cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     precision = pick_precision(cfg, device)
     attn = cfg.attn_implementation or pick_attention(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     pack = cfg.packing == "pack" or (cfg.packing == "auto" and attn == "flash_attention_2")
@@ -1078,7 +1105,10 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
 
         if cfg.qlora:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        model = get_peft_model(model, lora_config(cfg))
+        try:
+            model = get_peft_model(model, lora_config(cfg))
+        except ValueError as e:  # peft: no module of the model matches the names
+            raise ConfigError(f"--lora-target {cfg.lora_target}: {str(e).splitlines()[0]}") from None
 
     plan = _resume_plan(out, stage_list, resume, lora, state)
     metrics_path = out / METRICS_FILE

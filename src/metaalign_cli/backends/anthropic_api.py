@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import os
 
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt
-from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
+from metaalign_cli.backends.server import ServerBackend, ServerOptions, api_key, split_query
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -24,6 +23,7 @@ class AnthropicBackend(ServerBackend):
 
     name = "anthropic"
     Options = AnthropicOptions
+    key_env = "ANTHROPIC_API_KEY"
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
                  retries: int = 4, timeout: float = 120.0):
@@ -31,14 +31,12 @@ class AnthropicBackend(ServerBackend):
             import anthropic
         except ImportError:
             raise MetaAlignError("the anthropic backend needs the anthropic package: pip install anthropic") from None
-        key = os.environ.get("ANTHROPIC_API_KEY")
-        if not key:
-            raise MetaAlignError("the anthropic backend needs ANTHROPIC_API_KEY in the environment")
+        key = api_key("ANTHROPIC_API_KEY", True, "the anthropic backend needs ANTHROPIC_API_KEY in the environment")
         if not model:
             raise MetaAlignError("the anthropic backend needs --model (e.g. claude-sonnet-4-5)")
         self._anthropic = anthropic
         url, query = split_query(base_url)
-        self.client = anthropic.Anthropic(api_key=key, base_url=url, default_query=query, max_retries=retries,
+        self.client = anthropic.Anthropic(api_key=key or "no-key", base_url=url, default_query=query, max_retries=retries,
                                           timeout=timeout)
         self.model_id = model
         self.base_url = base_url

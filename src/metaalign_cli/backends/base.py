@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import Any
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -77,9 +79,40 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
-def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: int = 3) -> bool:
+_NUMBER = re.compile(r"\W*\d+\W*")  # "1", " 12", "3.", "(4)": a list number or a count
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+class TokenKinds:
+    """What the loop guard needs to know of a token: 1 if its text is a number (digits with
+    punctuation or spaces around them: ``"2."``, ``" 14"``), 2 if it holds a letter, 0 otherwise.
+    ``decode`` gives a token's text (a tokenizer's one-token decode; the identity for words);
+    answers are cached, so each distinct token is decoded once."""
+
+    def __init__(self, decode: Callable[[Any], str]):
+        self.decode = decode
+        self._cache: dict = {}
+
+    def __call__(self, token) -> int:
+        kind = self._cache.get(token)
+        if kind is None:
+            text = self.decode(token)
+            kind = self._cache[token] = 1 if _NUMBER.fullmatch(text) else 2 if _LETTER.search(text) else 0
+        return kind
+
+
+WORDS = TokenKinds(lambda w: w)  # for whitespace-separated words (servers without a tokenizer)
+
+
+def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: int = 3,
+               kinds: Callable[[Any], int] | None = None) -> bool:
     """True when the end of ``tokens`` (generated token ids) is a loop: the last
     ``max(min_span, min_repeats * p)`` tokens repeat with some period ``p <= max_period``.
+
+    With ``kinds`` (a :class:`TokenKinds` of the tokenizer), tokens that are numbers count as
+    equal to each other, so a numbered list whose items repeat (``"1. Boil an egg. 2. Boil an
+    egg. 3. ..."``) is a loop too, but only when the shortest repeated unit holds at least three
+    tokens with a letter: counting (``"1, 2, 3, ..."``) or a table column of numbers is not a loop.
 
     Greedy decoding of small correctors often falls into such loops until the token cap; the
     backends stop there and report ``finish_reason == "loop"`` (the loop guard).
@@ -89,12 +122,21 @@ def is_looping(tokens, max_period: int = 64, min_span: int = 48, min_repeats: in
         return False
     tail = list(tokens[-(max(min_span, min_repeats * max_period)):])
     m = len(tail)
+    keys = None
+    if kinds is not None:
+        marks = [kinds(t) for t in tail]
+        if 1 in marks:
+            keys = [None if k == 1 else t for t, k in zip(tail, marks)]
     for p in range(1, max_period + 1):
         span = max(min_span, min_repeats * p)
         if span > m:
             break
         if all(tail[i] == tail[i - p] for i in range(m - span + p, m)):
             return True
+        if keys is not None and all(keys[i] == keys[i - p] for i in range(m - span + p, m)):
+            if sum(k == 2 for k in marks[m - p:]) >= 3:
+                return True
+            keys = None  # the shortest unit decides: its multiples hold more letters, not more words
     return False
 
 
@@ -111,8 +153,8 @@ def _ends_sentence(word: str) -> bool:
 def trim_loop(text: str, max_period: int = 64) -> str:
     """A generation the loop guard stopped, cut to what it said before it began repeating
     (``correct --on-loop trim``): the text up to the end of the first copy of the unit of
-    whitespace-separated words its tail repeats (period <= ``max_period`` words; the last word
-    may be cut mid-way and is not compared), and within that copy back to its last sentence end
+    whitespace-separated words its tail repeats (period <= ``max_period`` words; list numbers
+    such as "2." count as equal; the last word may be cut mid-way and is not compared), and within that copy back to its last sentence end
     (. ! or ?, closing quotes and brackets included; not list numbers, initials or "e.g."-like
     abbreviations) if it has one. Nothing before the repetition is cut. Text whose tail does not
     repeat word for word is only cut back to its last sentence end; text with none comes back
@@ -123,13 +165,14 @@ def trim_loop(text: str, max_period: int = 64) -> str:
     """
     spans = [m.span() for m in re.finditer(r"\S+", text)]
     words = [text[a:b] for a, b in spans]
+    keys = [None if WORDS(w) == 1 else w for w in words]  # list numbers count as equal
     n = len(words) - 1 if words and not text[-1:].isspace() else len(words)
     best: tuple[int, int] | None = None  # (where the repetition starts, period)
     for p in range(1, min(max_period, n // 2) + 1):
-        if any(words[i] != words[i + p] for i in range(n - 2 * p, n - p)):
+        if any(keys[i] != keys[i + p] for i in range(n - 2 * p, n - p)):
             continue
         i = n - p - 1
-        while i >= 0 and words[i] == words[i + p]:
+        while i >= 0 and keys[i] == keys[i + p]:
             i -= 1
         if best is None or i + 1 < best[0]:
             best = (i + 1, p)
@@ -139,13 +182,13 @@ def trim_loop(text: str, max_period: int = 64) -> str:
     return text[:spans[cut - 1][1]] if cut > 0 else text
 
 
-def loop_cut(tokens, every: int = 8) -> int | None:
+def loop_cut(tokens, every: int = 8, kinds: Callable[[Any], int] | None = None) -> int | None:
     """Where the loop guard stops ``tokens`` (a generated sequence): the first length that is a
-    multiple of ``every`` whose tail loops (:func:`is_looping`), or None. The local backends
+    multiple of ``every`` whose tail loops (:func:`is_looping`, with ``kinds``), or None. The local backends
     check every 8 tokens while generating; backends that can only look afterwards (vLLM,
     servers) cut there, so a loop ends at the same token everywhere."""
     for n in range(every, len(tokens) + 1, every):
-        if is_looping(tokens[:n]):
+        if is_looping(tokens[:n], kinds=kinds):
             return n
     return None
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, is_looping,
-                                         tokenizer_prompt_ids)
+from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, TokenKinds,
+                                         is_looping, tokenizer_prompt_ids)
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -24,11 +24,18 @@ class TransformersOptions(BackendOptions):
                                                               "else sdpa.")
 
 
-def pick_device(device: str = "auto") -> str:
-    """``auto``: cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
+def pick_device(device: str = "auto", flag: str = "--device") -> str:
+    """``auto``: cuda, then mps, then cpu. Raises MetaAlignError when ``cuda`` or ``mps`` is
+    asked for and torch has no such device here (``flag`` names the option in the message)."""
     import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise MetaAlignError(f"{flag} {device}: torch sees no CUDA GPU here"
+                                 f"{'' if torch.version.cuda else ' (this torch is a CPU build)'}; use auto or cpu")
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MetaAlignError(f"{flag} mps: torch sees no Apple GPU here; use auto or cpu")
+        return device
 
     if torch.cuda.is_available():
         return "cuda"
@@ -166,6 +173,7 @@ class TransformersBackend(Backend):
                 self.model = AutoModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn,
                                                                   device_map=self.device_map, **kw)
             self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+            self._kinds = TokenKinds(lambda t: self.tokenizer.decode([t]))  # for the loop guard
         except (OSError, ValueError, ImportError) as e:
             hint = "" if Path(str(model)).exists() else f" ({not_found_hint()})"
             raise MetaAlignError(f"{model}: cannot load model{hint}: {str(e).splitlines()[0]}") from None
@@ -237,7 +245,7 @@ class TransformersBackend(Backend):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in eos_ids or t == pad), None)
                 new = new if cut is None else new[:cut]
-                if settings.loop_guard and is_looping(new):
+                if settings.loop_guard and is_looping(new, kinds=self._kinds):
                     finish = "loop"
                 else:
                     finish = "length" if cut is None else "stop"
@@ -272,7 +280,7 @@ class TransformersBackend(Backend):
         if settings.stop:
             kw.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         if settings.loop_guard:
-            kw["stopping_criteria"] = _loop_criteria(width)
+            kw["stopping_criteria"] = _loop_criteria(width, self._kinds)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(self.input_device),
                                       attention_mask=mask.to(self.input_device), **kw)
@@ -284,7 +292,7 @@ class TransformersBackend(Backend):
                 "batch_size": self.batch_size}
 
 
-def _loop_criteria(prompt_width: int):
+def _loop_criteria(prompt_width: int, kinds):
     """A transformers StoppingCriteria that ends rows whose generated tail loops."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -292,7 +300,7 @@ def _loop_criteria(prompt_width: int):
     class LoopGuard(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             gen = input_ids[:, prompt_width:]
-            done = [gen.shape[1] % 8 == 0 and is_looping(row.tolist()) for row in gen]
+            done = [gen.shape[1] % 8 == 0 and is_looping(row.tolist(), kinds=kinds) for row in gen]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([LoopGuard()])

@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, is_looping
+from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, TokenKinds,
+                                         is_looping)
 from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.gguf_types import GGUF_TYPES, QUANT_CHOICES, REQUANT_TYPES
 
@@ -162,6 +163,7 @@ class LlamaCppBackend(Backend):
                 self.llm = load()
         except (ValueError, RuntimeError) as e:
             raise MetaAlignError(f"{path}: cannot load GGUF model: {e}") from None
+        self._kinds = TokenKinds(lambda t: self.llm.detokenize([t]).decode("utf-8", errors="ignore"))  # loop guard
         self._bctx = None  # (llama_context, n_ctx, n_seq_max) for batched decoding, grown on demand
         self._formatter = None
         tpl = self.llm.metadata.get("tokenizer.chat_template")
@@ -331,7 +333,7 @@ class LlamaCppBackend(Backend):
                         done[seq] = "stop"
                     elif len(gen[seq]) >= settings.max_new_tokens:
                         done[seq] = "length"
-                    elif settings.loop_guard and len(gen[seq]) % 8 == 0 and is_looping(gen[seq]):
+                    elif settings.loop_guard and len(gen[seq]) % 8 == 0 and is_looping(gen[seq], kinds=self._kinds):
                         done[seq] = "loop"
                     else:
                         step.append((seq, tok, len(items[seq][0]) + len(gen[seq]) - 1, True))
@@ -356,7 +358,7 @@ class LlamaCppBackend(Backend):
 
                     def guard(ids, _logits, start=start, looped=looped):
                         gen = ids[start:]
-                        if len(gen) % 8 == 0 and is_looping(gen):
+                        if len(gen) % 8 == 0 and is_looping(gen, kinds=self._kinds):
                             looped.append(True)
                             return True
                         return False

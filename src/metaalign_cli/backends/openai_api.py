@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 from pydantic import Field
 
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, tokenizer_prompt_ids
-from metaalign_cli.backends.server import ServerBackend, ServerOptions, split_query
+from metaalign_cli.backends.server import ServerBackend, ServerOptions, api_key, split_query
 from metaalign_cli.errors import MetaAlignError
-from metaalign_cli.redact import redact_url
+from metaalign_cli.redact import redact_text, redact_url, url_secrets
 
 
 class OpenAIOptions(ServerOptions):
@@ -37,6 +36,7 @@ class OpenAIBackend(ServerBackend):
 
     name = "openai"
     Options = OpenAIOptions
+    key_env = "OPENAI_API_KEY"
 
     def __init__(self, model: str | None, base_url: str | None = None, concurrency: int = 4,
                  retries: int = 4, timeout: float = 120.0, tokenizer: str | None = None,
@@ -47,9 +47,8 @@ class OpenAIBackend(ServerBackend):
             import openai
         except ImportError:
             raise MetaAlignError("the openai backend needs the openai package: pip install openai") from None
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key and not base_url:
-            raise MetaAlignError("the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
+        key = api_key("OPENAI_API_KEY", not base_url,
+                      "the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
         self.base_url = base_url
         self.self_hosted = bool(base_url) and "api.openai.com" not in base_url
         self.concurrency = self.options.concurrency
@@ -64,7 +63,8 @@ class OpenAIBackend(ServerBackend):
             try:
                 models = self.client.models.list().data
             except openai.OpenAIError as e:
-                raise MetaAlignError(f"{redact_url(base_url)}: cannot list models: {e}") from None
+                msg = redact_text(str(e), [*([key] if key else []), *url_secrets(base_url)])
+                raise MetaAlignError(f"{redact_url(base_url) or 'the OpenAI API'}: cannot list models: {msg}") from None
             if not models and not model:
                 raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
             model = model or models[0].id

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import Backend, BackendOptions, Generation, GenerationSettings, Prompt, loop_cut
+from metaalign_cli.backends.base import (WORDS, Backend, BackendError, BackendOptions, Generation,
+                                         GenerationSettings, Prompt, TokenKinds, loop_cut)
+from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.records import replace_surrogates
-from metaalign_cli.redact import redact_url
+from metaalign_cli.redact import redact_text, redact_url, url_secrets
 
 
 def split_query(base_url: str | None) -> tuple[str | None, dict | None]:
@@ -45,6 +50,24 @@ class ServerBackend(Backend):
     concurrency: int = 1
     base_url: str | None = None
     loop_tokenizer = None
+    key_env: str | None = None  # the environment variable holding the API key
+
+    def secrets(self) -> list[str]:
+        """What an error text must never show: the API key and the base URL's credentials."""
+        key = os.environ.get(self.key_env) if self.key_env else None
+        return [*([key] if key else []), *url_secrets(self.base_url)]
+
+    def scrubbed(self, e: Exception) -> Exception:
+        """``e`` itself when its message holds none of :meth:`secrets`, else a BackendError of
+        the message with them masked (a proxy's 401 may quote the Authorization header back);
+        the original, with the key in its request and body, is not chained to it."""
+        text = f"{type(e).__name__}: {e}" if not isinstance(e, BackendError) else str(e)
+        clean = redact_text(text, self.secrets())
+        if clean == text:
+            return e
+        err = BackendError(clean)
+        err.__suppress_context__ = True
+        return err
 
     def _one(self, p: Prompt, s: GenerationSettings) -> Generation:
         """The server's answer to one prompt, as it came (no loop guard yet)."""
@@ -59,7 +82,7 @@ class ServerBackend(Backend):
             try:
                 return guard_remote(self._one(p, s), s, self.loop_tokenizer)
             except Exception as e:  # one failed request never takes another's result
-                return e
+                return self.scrubbed(e)
 
         if self.concurrency == 1 or len(prompts) <= 1:
             return [run(p, s) for p, s in zip(prompts, settings)]
@@ -74,6 +97,29 @@ class ServerBackend(Backend):
         return max(1, batch_size, concurrency)
 
 
+_KEY_OPTIONAL = contextvars.ContextVar("metaalign_api_key_optional", default=False)
+
+
+@contextlib.contextmanager
+def api_key_optional():
+    """Within it, an API backend loads without its key (``judge --dry-run`` counts calls and
+    tokens and calls nothing, so it needs none); a call it made would fail to authenticate."""
+    token = _KEY_OPTIONAL.set(True)
+    try:
+        yield
+    finally:
+        _KEY_OPTIONAL.reset(token)
+
+
+def api_key(env: str, needed: bool, message: str) -> str | None:
+    """The API key in ``$env``. Raises MetaAlignError(``message``) when it is unset and
+    ``needed``, except inside :func:`api_key_optional`."""
+    key = os.environ.get(env)
+    if not key and needed and not _KEY_OPTIONAL.get():
+        raise MetaAlignError(message)
+    return key
+
+
 def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Generation:
     """The loop guard after the fact for a server's answer: cut ``g.text`` where the local
     backends would have stopped (:func:`loop_cut` on ``tokenizer``'s ids of the text, or on its
@@ -85,13 +131,13 @@ def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Genera
         return g
     if tokenizer is not None:
         ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
-        cut = loop_cut(ids)
+        cut = loop_cut(ids, kinds=TokenKinds(lambda t: tokenizer.decode([t])))
         if cut is None:
             return g
         text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
         return Generation(text, g.prompt_tokens, cut, "loop", g.extra)
     spans = [m.span() for m in re.finditer(r"\S+", g.text)]
-    cut = loop_cut([g.text[a:b] for a, b in spans])
+    cut = loop_cut([g.text[a:b] for a, b in spans], kinds=WORDS)
     if cut is None:
         return g
     return Generation(g.text[:spans[cut - 1][1]], g.prompt_tokens, g.completion_tokens, "loop", g.extra)

@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, loop_cut,
-                                         tokenizer_prompt_ids)
+from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, TokenKinds,
+                                         loop_cut, tokenizer_prompt_ids)
 from metaalign_cli.errors import MetaAlignError
 
 # vLLM's LoRA engine reserves adapter slots of these ranks (vllm.config.lora.MaxLoRARanks).
@@ -195,6 +195,7 @@ class VLLMBackend(Backend):
             self.lora = LoRARequest("metaalign-adapter", 1, str(adapter.resolve()))
         self.adapter = adapter
         self.tokenizer = self.llm.get_tokenizer()
+        self._kinds = TokenKinds(lambda t: self.tokenizer.decode([t]))  # for the loop guard
         mc = self.llm.llm_engine.model_config
         self._max_len = int(mc.max_model_len)
         self._dtype = str(mc.dtype).replace("torch.", "")
@@ -288,7 +289,7 @@ class VLLMBackend(Backend):
             tokens = tokens[:-1]  # vLLM counts the EOS token in token_ids; the other backends do not
         finish = {"stop": "stop", "length": "length", "repetition": "loop"}.get(reason, reason)
         if settings.loop_guard:
-            cut = loop_cut(tokens)
+            cut = loop_cut(tokens, kinds=self._kinds)
             if cut is not None:
                 tokens, finish = tokens[:cut], "loop"
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)

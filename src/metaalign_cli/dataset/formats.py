@@ -44,6 +44,33 @@ def guess_file_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def input_labels(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """The name each input's item ids start with (``"<label>:<line>..."``): its file name up to
+    the first dot (``hh.jsonl.gz`` -> ``hh``), or, where inputs share that name, as many of its
+    parent folders as make it unique (``a/data``, ``b/data``). Raises InputError when one file
+    is given twice (its rows would be read twice, under the same ids)."""
+    from metaalign_cli.errors import InputError
+
+    seen: dict[tuple, str] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            ident: tuple = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = (str(Path(str(p)).resolve()),)
+        if ident in seen and str(p) != "-":
+            raise InputError(f"{p}: given twice as an input (as {seen[ident]} too): its rows would be read twice")
+        seen[ident] = str(p)
+    parts = {str(p): Path(str(p)).resolve().parts[:-1] + (Path(str(p)).name.split(".")[0],) for p in paths}
+    out = {}
+    for p, ps in parts.items():
+        n = 1
+        while n < len(ps) and any(q != p and qs[-n:] == ps[-n:] for q, qs in parts.items()):
+            n += 1
+        out[p] = "/".join(ps[-n:])
+    return out
+
+
 def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | None, opts: ReadOptions,
                      stats: BuildStats, on_row: Callable[[int], None] | None = None) -> Iterator[RatedPair]:
     """Rated pairs from each file in turn (format given or guessed per file from its first
@@ -55,6 +82,7 @@ def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | Non
     """
     if input_format is not None and input_format not in INPUT_FORMATS:
         raise ConfigError(f"unknown input format '{input_format}' (use {', '.join(INPUT_FORMATS)})")
+    labels = input_labels(paths)
     for path in paths:
         rows = source_rows(path)
         if opts.limit is not None:
@@ -77,7 +105,7 @@ def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | Non
         if fmt == "hh-rlhf" and default_objs is None:
             # Anthropic's helpful-base files rate helpfulness; everything else here, harmlessness.
             default_objs = [opts.objective_set.get("helpful" if "helpful" in Path(path).name else "harmless")]
-        stem = Path(str(path)).name.split(".")[0]
+        stem = labels[str(path)]
         for r in rows:
             info["rows"] += 1
             stats.rows += 1
@@ -86,6 +114,7 @@ def read_rated_pairs(paths: Sequence[str | os.PathLike], input_format: str | Non
             if r.error is not None:
                 stats.problem("invalid_json", r.error)
                 continue
+            stats.repairs.extend(r.warnings)
             try:
                 pairs = list(reader(r, fmt, stem, opts, default_objs, stats))  # a row's pairs, all or none
             except UnknownNameError as e:

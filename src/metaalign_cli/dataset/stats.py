@@ -47,6 +47,7 @@ class BuildStats:
     objective_frequency: dict = field(default_factory=lambda: {s: Counter() for s in STAGES})
     token_lengths: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    repairs: list = field(default_factory=list)  # "<file>:<line>: field 'x': lone surrogate replaced ..."
 
     def problem(self, reason: str, error: InputError, pairs_lost: int = 0) -> None:
         """Record a bad record (``reason`` in :data:`BAD_RECORD_REASONS`) that cost
@@ -80,4 +81,5 @@ class BuildStats:
             "unknown_ratings": self.unknown_ratings,
             "excluded": {"rows": self.excluded_rows, "queries": len(self.excluded_queries)},
             "token_lengths": self.token_lengths,
+            **({"repaired_fields": len(self.repairs), "repaired_example": self.repairs[0]} if self.repairs else {}),
         }

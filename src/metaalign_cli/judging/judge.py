@@ -71,8 +71,16 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     kind = "judge-pairwise" if cfg.mode == "pairwise" else "judge-score"
     tpl = load_template(cfg.template or kind, kind=kind)
     failed: list = []
-    items = load_judge_items(read_records(cfg.input, cfg.input_format), objset, objs, cfg.mode, cfg.golden_field,
-                             cfg.candidate_field or None, cfg.query_field, cfg.id_field, failed=failed)
+    repairs: list[str] = []
+
+    def noting(recs):  # the repairs made when reading (lone surrogates), said as `correct` says them
+        for r in recs:
+            repairs.extend(r.warnings)
+            yield r
+
+    items = load_judge_items(noting(read_records(cfg.input, cfg.input_format)), objset, objs, cfg.mode,
+                             cfg.golden_field, cfg.candidate_field or None, cfg.query_field, cfg.id_field,
+                             failed=failed)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                   stop=tuple(cfg.stop or ()))
     opts = JudgeOptions(template=tpl, mode=cfg.mode, settings=settings, seed=cfg.seed, both_orders=cfg.both_orders,
@@ -82,7 +90,7 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     plan = JudgePlan(items, opts, plan_units(items, opts))
     plan.failed_records = len(failed)
     used = list({o.name: o for it in items for o in it.objectives}.values())
-    plan.warnings += objset.notes(used, tpl.name)
+    plan.warnings += repairs + objset.notes(used, tpl.name)
     if failed:
         plan.warnings.append(f"{len(failed)} record(s) failed in `correct` (an 'error' field and no "
                              f"'{CORRECTED_FIELD}'; first: {failed[0].source}:{failed[0].line}): not judged")
@@ -165,7 +173,15 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     if resolved is not None and on_model:
         on_model(resolved.label)
     own = backend is None
-    be = backend if backend is not None else resolved.load()
+    if backend is not None:
+        be = backend
+    elif cfg.dry_run:  # counts calls and tokens, calls nothing: an API judge needs no key for it
+        from metaalign_cli.backends.server import api_key_optional
+
+        with api_key_optional():
+            be = resolved.load()
+    else:
+        be = resolved.load()
     store = None
     try:
         info = judge_info(be, plan.options)
