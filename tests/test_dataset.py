@@ -511,3 +511,27 @@ def test_inputs_with_one_name_get_distinct_ids_and_a_file_twice_or_in_the_output
     r = run_cli("build-data", str(built), "-o", str(out), "-O", "harmless", "--overwrite")
     assert r.returncode == 2 and f"{built}: is an input, and the build in {out} writes" in r.stderr.decode()
     assert built.read_bytes() == before and "Traceback" not in r.stderr.decode()
+
+
+def test_ctrl_c_says_nothing_was_written(tmp_path):
+    """Ctrl-C during a build: exit 130 and a line saying the output was left as it was (a build
+    is moved into place whole), as `correct` and `judge` say they were interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    big = tmp_path / "big.jsonl"
+    row = {"prompt": "p", "chosen": "good answer here", "rejected": "bad", "labels": {"harmless": "chosen"}}
+    big.write_text("".join(json.dumps(dict(row, prompt=f"p{i}")) + "\n" for i in range(200000)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "metaalign_cli", "build-data", str(big), "-o", str(out),
+                             "-O", "harmless"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert f"interrupted; nothing was written to {out}" in err and "Traceback" not in err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

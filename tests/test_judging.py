@@ -345,6 +345,40 @@ def test_faults_429_500_timeouts_every_record_accounted_and_cached_rerun(tmp_pat
         assert plan["token_count"] == "chars/4" and plan["input_tokens"] > 4 * 60
 
 
+def test_a_trailing_slash_of_the_base_url_is_the_same_judge(tmp_path):
+    """.../v1 and .../v1/ are one server: the second run's verdicts all come from the cache."""
+    rows = [{"id": f"r{i}", "query": f"Q{i}?", "golden": "FINE g", "response": "weak", "corrected": "GOOD c"}
+            for i in range(3)]
+    src, cache = _write(tmp_path / "in.jsonl", rows), tmp_path / "c.sqlite"
+    with FaultServer(prefer_marker) as srv:
+        a = run_cli(*_judge_args(src, tmp_path / "a.jsonl", srv.url, cache))
+        before = srv.requests
+        b = run_cli(*_judge_args(src, tmp_path / "b.jsonl", srv.url + "/", cache))
+        assert a.returncode == 0 and b.returncode == 0, b.stderr.decode()
+        assert before == 6 and srv.requests == before
+    assert _essence(_read_rows(tmp_path / "a.jsonl")) == _essence(_read_rows(tmp_path / "b.jsonl"))
+
+
+def test_field_options_that_would_judge_nothing_or_the_wrong_text(tmp_path):
+    """A trial's silent ones: --golden-field also a --candidate-field (a text judged against
+    itself) and an empty field name are refused (exit 2); an --id-field no record has warns
+    that line numbers align the records."""
+    src = _write(tmp_path / "in.jsonl", [{"query": "q", "response": "r", "golden": "g", "rid": 7}])
+    r = run_cli("judge", str(src), "-O", "harmless", "--golden-field", "response", "--candidate-field", "response",
+                "--dry-run")
+    assert r.returncode == 2 and "--candidate-field 'response' is also --golden-field" in r.stderr.decode()
+    for flag in ("--query-field", "--golden-field", "--id-field", "--candidate-field"):
+        r = run_cli("judge", str(src), "-O", "harmless", flag, " ", "--dry-run")
+        assert r.returncode == 2 and f"{flag} must not be empty" in r.stderr.decode(), flag
+    r = run_cli("judge", str(src), "-O", "harmless", "--candidate-field", "response", "--id-field", "nope", "--dry-run")
+    assert r.returncode == 0 and ("warning: no record has the --id-field 'nope': records are aligned by line number"
+                                  in r.stderr.decode())
+    r = run_cli("judge", str(src), "-O", "harmless", "--candidate-field", "response", "--id-field", "rid", "--dry-run")
+    assert r.returncode == 0 and "--id-field" not in r.stderr.decode()
+    r = run_cli("correct", str(src), "-O", "harmless", "--query-field", "", "--dry-run")
+    assert r.returncode == 2 and "--query-field must not be empty" in r.stderr.decode()
+
+
 def test_dry_run_of_an_api_judge_needs_no_key_and_the_real_run_does(tmp_path, monkeypatch):
     """--dry-run counts calls and tokens and calls nothing, so an API judge with no key in the
     environment plans (exit 0); the real run is refused with one line (exit 2), before a call."""

@@ -519,7 +519,7 @@ def test_bad_training_options_are_one_line_errors_before_training(tmp_path, tiny
                     encoding="utf-8")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    base = ("train", "--preference", str(pref), "-m", str(tiny_dir), "--max-steps", "1", "--stages", "preference")
+    base = ("train", "--preference", str(pref), "-m", str(tiny_dir), "--stages", "preference")
     out = str(tmp_path / "run")
     cases = [
         (("-o", str(afile)), f"{afile}: is a file; --output takes a directory"),
@@ -528,15 +528,21 @@ def test_bad_training_options_are_one_line_errors_before_training(tmp_path, tiny
         (("-o", out, "--lora-r", "2", "--lora-target", ","), "--lora-target names no module"),
         (("-o", out, "--lora-r", "2", "--lora-target", "nope_proj"), "--lora-target nope_proj: Target modules"),
         (("-o", out, "--stages", "preference,preference"), "--stages names a stage twice (preference,preference)"),
+        (("-o", out, "--epochs", "0"), "--epochs is 0 for every stage: that trains nothing"),
     ]
     if not torch.cuda.is_available():
         cases.append((("-o", out, "--device", "cuda"), "--device cuda: torch sees no CUDA GPU here"))
     for args, msg in cases:
-        p = run_cli(*base, *args)
+        p = run_cli(*base, *(args if "--epochs" in args else ("--max-steps", "1", *args)))
         err = p.stderr.decode()
         assert p.returncode == 2 and msg in err and "Traceback" not in err, (args, p.returncode, err[-1500:])
         assert sum(x.startswith("error") for x in err.splitlines()) == 1, err
     assert afile.read_text() == "x" and not (tmp_path / "run" / "stages").exists()
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    shutil.copy(pref, tmp_path / "d" / "train" / "preference.jsonl")
+    p = run_cli("train", "--data", str(tmp_path / "d"), "--split", "bogus", "-m", str(tiny_dir), "-o", out)
+    assert p.returncode == 2 and (f"{tmp_path / 'd'}: no training rows for stages warmup, equal, preference "
+                                  "(--split bogus: the splits there are train)") in p.stderr.decode()
     if not torch.cuda.is_available():
         rec = json.dumps({"query": "Q?", "response": "A."}) + "\n"
         p = run_cli("correct", "-b", "transformers", "-m", str(tiny_dir), "--device", "cuda", "-O", "harmless", input=rec)

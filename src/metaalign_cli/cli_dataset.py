@@ -142,7 +142,7 @@ def build_data_main(cfg, given: dict) -> None:
     """``metaalign build-data``: flags -> :func:`metaalign_cli.dataset.build_data` -> summary."""
     import signal
 
-    from metaalign_cli.cli_common import EXIT_FAILED, cli_errors, console, fail, quiet_libraries, say
+    from metaalign_cli.cli_common import EXIT_FAILED, EXIT_INTERRUPTED, cli_errors, console, fail, quiet_libraries, say
     from metaalign_cli.dataset import build_data
 
     output = Path(cfg.output)
@@ -167,6 +167,9 @@ def build_data_main(cfg, given: dict) -> None:
                 stats = build_data(cfg.inputs, output, opts, keep_empty=False)
         except OSError as e:
             raise fail(f"{output}: cannot write the dataset: {e.strerror or e}")
+        except KeyboardInterrupt:  # Ctrl-C: build_data has removed its half-written build
+            say(f"interrupted; nothing was written to {output} (a build is written whole or not at all)")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     if not cfg.quiet:
         print_summary(stats.to_dict(), output, console)
         for w in stats.repairs[:3]:  # (lone surrogates; every one is counted in stats.json)

@@ -368,6 +368,9 @@ class CorrectConfig(ModelKnobs, ObjectiveFiles):
 
         if not self.output_field.strip():
             bad("output_field", "must not be empty")
+        for key in ("query_field", "response_field"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                bad(key, "must not be empty (leave it out for the default fields)")
         if self.output_field in ("metaalign", "error"):
             bad("output_field", f"'{self.output_field}' is reserved for the provenance object and errors; "
                                 "choose another name")
@@ -572,6 +575,13 @@ class JudgeConfig(ModelKnobs, ObjectiveFiles):
             bad("dry_run", "previews judge calls, and blind tasks or verdicts call no judge: leave it out")
         if self.resume and self.overwrite:
             bad("overwrite", "replaces -o FILE and --resume continues it: give one of them")
+        for key in ("query_field", "golden_field", "id_field"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                bad(key, "must not be empty")
+        if any(not c.strip() for c in self.candidate_field):
+            bad("candidate_field", "must not be empty")
+        if self.golden_field and self.golden_field in self.candidate_field:
+            bad("candidate_field", f"'{self.golden_field}' is also --golden-field: a text judged against itself")
         check_distinct_files(self, *self.files(), read_dirs=("objectives_dir",))
 
     def files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -160,6 +160,9 @@ class TrainConfig:
         if len(set(self.stages)) < len(self.stages):
             raise Invalid("stages", f"names a stage twice ({','.join(self.stages)}); each runs once, in the order "
                                     "warmup, equal, preference")
+        if self.max_steps is None and not any(self.stage_epochs(s) > 0 for s in self.stages):
+            raise Invalid("epochs", "is 0 for every stage: that trains nothing (the base model would be "
+                                    "written as a corrector)")
         if not [m for m in self.lora_target.split(",") if m.strip()]:
             raise Invalid("lora_target", "names no module (all-linear, or comma-separated names such as q_proj,v_proj)")
         self.report_to = [n.strip().lower() for n in self.report_to if n.strip()]
@@ -298,7 +301,11 @@ def load_stage_data(cfg: TrainConfig) -> dict[str, list[TrainingExample]]:
         data[s] = ex
     if not any(data[s] for s in cfg.stages):
         where = ", ".join(cfg.data_dir) or ", ".join(str(f) for f in explicit.values() if f)
-        raise InputError(f"no training rows for stages {', '.join(cfg.stages)}", source=where)
+        splits = sorted({p.name for d in cfg.data_dir if Path(d).is_dir() for p in Path(d).iterdir()
+                         if p.is_dir() and any(p.glob("*.jsonl"))})
+        hint = (f" (--split {cfg.split}: the splits there are {', '.join(splits)})"
+                if cfg.data_dir and splits and cfg.split not in splits else "")
+        raise InputError(f"no training rows for stages {', '.join(cfg.stages)}{hint}", source=where)
     return data
 
 

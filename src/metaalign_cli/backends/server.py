@@ -91,10 +91,19 @@ class ServerBackend(Backend):
 
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id,
-                **({"base_url": redact_url(self.base_url)} if self.base_url else {})}
+                **({"base_url": same_url(redact_url(self.base_url))} if self.base_url else {})}
 
     def chunk_size(self, batch_size: int, concurrency: int) -> int:
         return max(1, batch_size, concurrency)
+
+
+def same_url(url: str) -> str:
+    """``url`` without a trailing ``/`` on its path (``.../v1/`` and ``.../v1`` are one server,
+    for the judge cache and ``--resume``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/"))) if parts.path.endswith("/") else url
 
 
 _KEY_OPTIONAL = contextvars.ContextVar("metaalign_api_key_optional", default=False)

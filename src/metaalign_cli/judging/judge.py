@@ -72,10 +72,13 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     tpl = load_template(cfg.template or kind, kind=kind)
     failed: list = []
     repairs: list[str] = []
+    ids_seen: list[bool] = []
 
     def noting(recs):  # the repairs made when reading (lone surrogates), said as `correct` says them
         for r in recs:
             repairs.extend(r.warnings)
+            if not ids_seen and isinstance(r.data, dict) and r.data.get(cfg.id_field) not in (None, ""):
+                ids_seen.append(True)
             yield r
 
     items = load_judge_items(noting(read_records(cfg.input, cfg.input_format)), objset, objs, cfg.mode,
@@ -91,6 +94,8 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     plan.failed_records = len(failed)
     used = list({o.name: o for it in items for o in it.objectives}.values())
     plan.warnings += repairs + objset.notes(used, tpl.name)
+    if cfg.id_field != "id" and items and not ids_seen:
+        plan.warnings.append(f"no record has the --id-field '{cfg.id_field}': records are aligned by line number")
     if failed:
         plan.warnings.append(f"{len(failed)} record(s) failed in `correct` (an 'error' field and no "
                              f"'{CORRECTED_FIELD}'; first: {failed[0].source}:{failed[0].line}): not judged")
