@@ -31,7 +31,7 @@ class AnthropicBackend(ServerBackend):
             import anthropic
         except ImportError:
             raise MetaAlignError("the anthropic backend needs the anthropic package: pip install anthropic") from None
-        key = api_key("ANTHROPIC_API_KEY", True, "the anthropic backend needs ANTHROPIC_API_KEY in the environment")
+        key = api_key(self.key_env, True, "the anthropic backend needs ANTHROPIC_API_KEY in the environment")
         if not model:
             raise MetaAlignError("the anthropic backend needs --model (e.g. claude-sonnet-4-5)")
         self._anthropic = anthropic

@@ -93,6 +93,11 @@ class TokenKinds:
         self.decode = decode
         self._cache: dict = {}
 
+    @classmethod
+    def of(cls, tokenizer) -> "TokenKinds":
+        """The kinds of a transformers tokenizer's token ids."""
+        return cls(lambda t: tokenizer.decode([t]))
+
     def __call__(self, token) -> int:
         kind = self._cache.get(token)
         if kind is None:

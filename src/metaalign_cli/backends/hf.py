@@ -173,7 +173,7 @@ class TransformersBackend(Backend):
                 self.model = AutoModelForCausalLM.from_pretrained(src, dtype=self.dtype, attn_implementation=self.attn,
                                                                   device_map=self.device_map, **kw)
             self.tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-            self._kinds = TokenKinds(lambda t: self.tokenizer.decode([t]))  # for the loop guard
+            self._kinds = TokenKinds.of(self.tokenizer)  # for the loop guard
         except (OSError, ValueError, ImportError) as e:
             hint = "" if Path(str(model)).exists() else f" ({not_found_hint()})"
             raise MetaAlignError(f"{model}: cannot load model{hint}: {str(e).splitlines()[0]}") from None

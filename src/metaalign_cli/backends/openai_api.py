@@ -8,7 +8,7 @@ from pydantic import Field
 from metaalign_cli.backends.base import BackendError, Generation, GenerationSettings, Prompt, tokenizer_prompt_ids
 from metaalign_cli.backends.server import ServerBackend, ServerOptions, api_key, split_query
 from metaalign_cli.errors import MetaAlignError
-from metaalign_cli.redact import redact_text, redact_url, url_secrets
+from metaalign_cli.redact import redact_text, redact_url
 
 
 class OpenAIOptions(ServerOptions):
@@ -47,7 +47,7 @@ class OpenAIBackend(ServerBackend):
             import openai
         except ImportError:
             raise MetaAlignError("the openai backend needs the openai package: pip install openai") from None
-        key = api_key("OPENAI_API_KEY", not base_url,
+        key = api_key(self.key_env, not base_url,
                       "the openai backend needs OPENAI_API_KEY in the environment (or --base-url for a local server)")
         self.base_url = base_url
         self.self_hosted = bool(base_url) and "api.openai.com" not in base_url
@@ -63,7 +63,7 @@ class OpenAIBackend(ServerBackend):
             try:
                 models = self.client.models.list().data
             except openai.OpenAIError as e:
-                msg = redact_text(str(e), [*([key] if key else []), *url_secrets(base_url)])
+                msg = redact_text(str(e), self.secrets())
                 raise MetaAlignError(f"{redact_url(base_url) or 'the OpenAI API'}: cannot list models: {msg}") from None
             if not models and not model:
                 raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")

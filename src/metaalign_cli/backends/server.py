@@ -140,7 +140,7 @@ def guard_remote(g: Generation, s: GenerationSettings, tokenizer=None) -> Genera
         return g
     if tokenizer is not None:
         ids = tokenizer(g.text, add_special_tokens=False)["input_ids"]
-        cut = loop_cut(ids, kinds=TokenKinds(lambda t: tokenizer.decode([t])))
+        cut = loop_cut(ids, kinds=TokenKinds.of(tokenizer))
         if cut is None:
             return g
         text = tokenizer.decode(ids[:cut], skip_special_tokens=True)

@@ -195,7 +195,7 @@ class VLLMBackend(Backend):
             self.lora = LoRARequest("metaalign-adapter", 1, str(adapter.resolve()))
         self.adapter = adapter
         self.tokenizer = self.llm.get_tokenizer()
-        self._kinds = TokenKinds(lambda t: self.tokenizer.decode([t]))  # for the loop guard
+        self._kinds = TokenKinds.of(self.tokenizer)  # for the loop guard
         mc = self.llm.llm_engine.model_config
         self._max_len = int(mc.max_model_len)
         self._dtype = str(mc.dtype).replace("torch.", "")

@@ -72,13 +72,13 @@ def plan_judge(cfg: "JudgeConfig") -> JudgePlan:
     tpl = load_template(cfg.template or kind, kind=kind)
     failed: list = []
     repairs: list[str] = []
-    ids_seen: list[bool] = []
+    ids_seen = False
 
     def noting(recs):  # the repairs made when reading (lone surrogates), said as `correct` says them
+        nonlocal ids_seen
         for r in recs:
             repairs.extend(r.warnings)
-            if not ids_seen and isinstance(r.data, dict) and r.data.get(cfg.id_field) not in (None, ""):
-                ids_seen.append(True)
+            ids_seen = ids_seen or (isinstance(r.data, dict) and r.data.get(cfg.id_field) not in (None, ""))
             yield r
 
     items = load_judge_items(noting(read_records(cfg.input, cfg.input_format)), objset, objs, cfg.mode,
