@@ -800,6 +800,41 @@ def test_resume_refuses_to_mix_settings(tmp_path):
     assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5
 
 
+def test_resume_refuses_a_retrained_adapter_at_the_same_path(tmp_path):
+    """A trial finding: a corrector retrained and installed over the old one keeps the LoRA's
+    path, so `--resume` mixed the two in one file. The weights' fingerprint (size, first and
+    last MiB) is in the provenance: a changed adapter at the same path is refused, the same
+    one resumes, and a file written before the fingerprint still resumes."""
+    import shutil
+
+    from metaalign_cli.correctors import shipped_corrector
+
+    shipped = next(shipped_corrector().glob("*.gguf"))
+    lora = tmp_path / "mycorr-lora-f16.gguf"
+    shutil.copy(shipped, lora)
+    out = tmp_path / "o.jsonl"
+    args = ("correct", str(EX), "--lora", str(lora), "--max-new-tokens", "2", "--threads", "1", "-O", "harmless",
+            "-q", "-o", str(out))
+    assert run_cli(*args).returncode == 0
+    rows = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    sha = json.loads(rows[0])["metaalign"]["weights_sha"]
+    assert len(sha) == 16
+    out.write_text("".join(rows[:2]), encoding="utf-8")
+    data = bytearray(lora.read_bytes())
+    data[-3] ^= 0x01  # one low bit of the last tensor's data: another training, at the same path
+    lora.write_bytes(bytes(data))
+    p = run_cli(*args, "--resume")
+    assert p.returncode == 2 and f"weights_sha '{sha}' there, '" in p.stderr.decode(), p.stderr.decode()
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    shutil.copy(shipped, lora)  # the first adapter again
+    old = [dict(json.loads(r)) for r in rows[:2]]
+    for r in old:
+        r["metaalign"].pop("weights_sha")  # as a file written before the fingerprint
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in old), encoding="utf-8")
+    p = run_cli(*args, "--resume")
+    assert p.returncode == 0 and len(out.read_text(encoding="utf-8").splitlines()) == 5, p.stderr.decode()
+
+
 def test_prompts_other_than_the_shipped_correctors_own_are_noted(tmp_path):
     """The shipped corrector was trained on raw hh-rlhf prompts: another --template or
     --prompt-format gets a warning naming both (the prompts are still written), its own none,

@@ -406,3 +406,22 @@ def test_a_generation_is_cut_at_the_prompts_field_labels(text, want):
     # The shipped corrector wrote "Hola | Edit: Hello!" and "caballo |" for two short records
     # (twelfth new-user trial); nothing flagged them.
     assert load_template("hh-rlhf").cut_markers(text) == want
+
+
+def test_idle_cores_leaves_the_busy_ones_to_other_jobs(monkeypatch):
+    """llama.cpp's default thread count: cores minus the 1-minute load average, rounded, at
+    least 1; all cores where the load cannot be read."""
+    import os
+
+    from metaalign_cli.backends import llamacpp
+
+    for cores, load, want in ((2, 1.6, 1), (2, 0.3, 2), (2, 5.0, 1), (16, 4.4, 12), (16, 0.0, 16)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        monkeypatch.setattr(os, "getloadavg", lambda l=load: (l, l, l))
+        assert llamacpp.idle_cores() == want, (cores, load)
+
+    def unreadable():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", unreadable)
+    assert llamacpp.idle_cores() == 16

@@ -529,7 +529,8 @@ def test_install_refuses_to_replace_another_runs_corrector_without_overwrite(tmp
     for name in ("a", "b"):
         (tmp_path / name / "gguf").mkdir(parents=True)
         (tmp_path / name / "gguf" / f"{name}.gguf").write_bytes(name.encode() * 10)
-        (tmp_path / name / "metaalign.json").write_text(json.dumps({"gguf": f"gguf/{name}.gguf", "template": "hh-rlhf"}))
+        (tmp_path / name / "metaalign.json").write_text(json.dumps({"gguf": f"gguf/{name}.gguf", "template": "hh-rlhf",
+                                                                    "merged": True, "adapter": "adapter"}))
     inst = home / "models" / "mine"
 
     def installed():
@@ -548,6 +549,11 @@ def test_install_refuses_to_replace_another_runs_corrector_without_overwrite(tmp
     assert run_cli("export", str(tmp_path / "b"), "--install", "mine", env=env).returncode == 0  # the same run
     assert installed() == (["b.gguf", "metaalign.json"], str(tmp_path / "b"))
     assert sorted(p.name for p in (home / "models").iterdir()) == ["mine"]  # no staging left
+    card = json.loads((inst / "metaalign.json").read_text())
+    assert "merged" not in card and "adapter" not in card  # the run's layout, not the installed copy's
+    r = run_cli("correct", "--model", "mien", "-O", "harmless", "--dry-run", input=correct_records(1), env=env)
+    assert ("warning: mien: not a local path or an installed corrector: it is loaded as a hub id (needs the hub or "
+            "its cache; did you mean the installed corrector 'mine'?)") in r.stderr.decode(), r.stderr.decode()
 
 
 @pytest.mark.slow

@@ -242,7 +242,8 @@ class ModelKnobs:
                                      "$OPENAI_API_KEY.", metavar="URL", panel="Model")
     n_ctx: int | None = opt(None, "Context tokens.", min=256, metavar="N", backends={"llama-cpp": "n_ctx"},
                             panel="Backend options")
-    threads: int | None = opt(None, "CPU threads (on a machine busy with other jobs, 1 is often faster).",
+    threads: int | None = opt(None, "CPU threads. Default: the cores other jobs leave idle (cores minus the "
+                                    "1-minute load average, at least 1).",
                               min=1, metavar="N", backends={"llama-cpp": "threads"}, panel="Backend options")
     n_gpu_layers: int | None = opt(None, "Layers on the GPU; -1 = all.", min=-1, metavar="N",
                                    backends={"llama-cpp": "n_gpu_layers"}, panel="Backend options")

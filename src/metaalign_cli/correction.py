@@ -498,8 +498,9 @@ def resume_mismatch(path: str | os.PathLike, backend: Backend | None, opts: Corr
         if not isinstance(prov, dict):
             continue
         if not checked_settings:
-            if "template_sha" not in prov:  # written before templates were fingerprinted
-                now.pop("template_sha")
+            for key in ("template_sha", "weights_sha"):  # written before these were fingerprinted
+                if key not in prov:
+                    now.pop(key, None)
             gen = prov.get("generation")
             if isinstance(gen, dict) and gen.get("loop_guard") and "on_loop" not in gen:
                 prov = {**prov, "generation": {**gen, "on_loop": "keep"}}  # written before --on-loop: kept loops

@@ -50,6 +50,13 @@ def shipped_corrector() -> Path | None:
     return d if (d / MODEL_CARD).is_file() else None
 
 
+def installed_names() -> list[str]:
+    """The names of the installed correctors (``models_dir()``'s directories with a card)."""
+    d = models_dir()
+    return sorted(p.name for p in d.iterdir() if (p / MODEL_CARD).is_file() and not p.name.startswith(".")) \
+        if d.is_dir() else []
+
+
 def find_corrector(name: str) -> Path | None:
     """The directory of the installed corrector ``name`` (it holds ``metaalign.json``), or None."""
     try:
@@ -199,7 +206,8 @@ def install_corrector(run_dir: str | Path, name: str = DEFAULT_NAME, overwrite: 
     dst = final.with_name(f".{name}.installing")  # made whole, then put in place of the old one
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    out = {k: v for k, v in card.items() if k not in ("gguf", "lora", "gguf_lora")}
+    # (the run's own layout, "merged" and "adapter/", is not the installed copy's)
+    out = {k: v for k, v in card.items() if k not in ("gguf", "lora", "gguf_lora", "merged", "adapter")}
     out["installed_from"] = str(run.resolve())
 
     def place(src: str) -> str:

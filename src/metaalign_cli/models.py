@@ -64,8 +64,14 @@ class ResolvedModel:
         the hub's retries): None otherwise."""
         if self.kind != "model" or self.backend != "transformers" or not self.model or Path(self.model).exists():
             return None
+        import difflib
+
+        from metaalign_cli.correctors import installed_names
+
+        close = difflib.get_close_matches(self.model, installed_names(), n=1, cutoff=0.75)
+        hint = f"did you mean the installed corrector '{close[0]}'?" if close else "check the name if that is not meant"
         return (f"{self.model}: not a local path or an installed corrector: it is loaded as a hub id "
-                "(needs the hub or its cache; check the name if that is not meant)")
+                f"(needs the hub or its cache; {hint})")
 
     @property
     def template(self) -> str | None:

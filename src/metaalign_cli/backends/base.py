@@ -198,9 +198,47 @@ def loop_cut(tokens, every: int = 8, kinds: Callable[[Any], int] | None = None) 
     return None
 
 
+def weights_fingerprint(paths) -> str | None:
+    """A short fingerprint (16 hex digits) of the weight files ``paths`` hold (files, or
+    directories: their ``*.safetensors``, ``*.bin`` and ``*.gguf`` files, ``adapter/``'s too):
+    the sha256 of each file's size and its first and last MiB. Cheap on a 4 GB GGUF, and two
+    trainings written to the same path differ in it, so ``--resume`` and the judge cache can tell
+    a retrained corrector installed over the old one from the old one. None when no path is a
+    local file or directory (a hub id)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    files = []
+    for p in paths:
+        if not p:
+            continue
+        p = Path(p)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(f for d in (p, p / "adapter") if d.is_dir() for pat in ("*.safetensors", "*.bin", "*.gguf")
+                            for f in d.glob(pat))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    mib = 1 << 20
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(mib))
+            if size > 2 * mib:
+                fh.seek(-mib, os.SEEK_END)
+                h.update(fh.read(mib))
+            else:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 # Load options that change a model's weights (provenance keys): answers made with other values
 # are not the same model's, for `--resume` and the judge cache.
-WEIGHT_OPTIONS = ("lora_path", "quant")
+WEIGHT_OPTIONS = ("lora_path", "quant", "weights_sha")
 # Everything besides backend and model that decides a model's answers: its weights, where it
 # runs and how its numbers are computed (issue: fp32/CPU and bf16/GPU answers must not mix).
 ANSWER_KEYS = ("base_url", *WEIGHT_OPTIONS, "dtype", "device", "attn_implementation", "batch_size",

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, TokenKinds,
-                                         is_looping, tokenizer_prompt_ids)
+                                         is_looping, tokenizer_prompt_ids, weights_fingerprint)
 from metaalign_cli.errors import MetaAlignError
 
 
@@ -152,6 +152,7 @@ class TransformersBackend(Backend):
         self.attn = attn_implementation or pick_attention(self.device, self.dtype)
         self.batch_size = max(1, int(batch_size))
         self.model_id = str(model)
+        self._weights_sha = weights_fingerprint([model])  # None for a hub id
         kw: dict = {}
         src = str(model)
         p = Path(src)
@@ -289,7 +290,7 @@ class TransformersBackend(Backend):
     def info(self) -> dict:
         return {"backend": self.name, "model": self.model_id, "device": self.device,
                 "dtype": str(self.dtype).replace("torch.", ""), "attn_implementation": self.attn,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "weights_sha": self._weights_sha}
 
 
 def _loop_criteria(prompt_width: int, kinds):
@@ -352,9 +353,8 @@ def _unreachable(e: BaseException) -> bool:
 def not_found_hint() -> str:
     """What a model name that is not a local path was looked up as, for the load error: the
     installed correctors (by name) and the hub."""
-    from metaalign_cli.correctors import models_dir
+    from metaalign_cli.correctors import installed_names
 
-    d = models_dir()
-    names = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    names = installed_names()
     have = f"installed: {', '.join(names)}" if names else "none installed"
     return f"not a local path, not an installed corrector ({have}; `metaalign export RUN --install NAME`), tried as a hub id"

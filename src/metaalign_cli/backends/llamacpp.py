@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from metaalign_cli.backends.base import (Backend, BackendOptions, Generation, GenerationSettings, Prompt, TokenKinds,
-                                         is_looping)
+                                         is_looping, weights_fingerprint)
 from metaalign_cli.errors import MetaAlignError
 from metaalign_cli.gguf_types import GGUF_TYPES, QUANT_CHOICES, REQUANT_TYPES
 
@@ -51,6 +51,19 @@ def avoid_amx_weights() -> bool:
     return True
 
 
+def idle_cores() -> int:
+    """The cores other jobs leave idle: the core count minus the 1-minute load average, rounded,
+    at least 1 (all cores where the load cannot be read). llama.cpp's threads busy-wait, so on
+    a 2-core machine that another job keeps busy, 2 threads run ten to twenty times slower
+    than 1; the text is the same whatever the count."""
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    return max(1, min(n, round(n - load)))
+
+
 def server_command(model: str | Path, alias: str, port: int, n_ctx: int = 4096, threads: int | None = None) -> list[str]:
     """The argv that runs llama-cpp-python's OpenAI-compatible server (``llama_cpp.server``) on
     127.0.0.1:``port`` serving the GGUF ``model`` as ``alias``, with :func:`avoid_amx_weights`
@@ -68,7 +81,7 @@ class LlamaCppOptions(BackendOptions):
     """Load options of the llama-cpp backend."""
 
     n_ctx: int = Field(4096, ge=256, description="Context tokens.")
-    threads: int | None = Field(None, ge=1, description="CPU threads; None = all cores (llama.cpp's own default is 1).")
+    threads: int | None = Field(None, ge=1, description="CPU threads; None = the idle cores (idle_cores()).")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU; -1 = all.")
     lora_path: str | None = Field(None, description="A GGUF LoRA adapter applied to the model.")
     seed: int = Field(0, description="Seed of llama.cpp's sampler.")
@@ -93,8 +106,8 @@ def resolve_quant(quant: str | None, model: str | os.PathLike | None) -> str | N
 class LlamaCppBackend(Backend):
     """A GGUF model through llama-cpp-python.
 
-    Options: ``n_ctx`` (context tokens, default 4096), ``threads`` (default: all cores, not
-    llama.cpp's single thread), ``n_gpu_layers`` (0 = CPU), ``lora_path`` (a GGUF LoRA
+    Options: ``n_ctx`` (context tokens, default 4096), ``threads`` (default: the idle
+    cores, :func:`idle_cores`), ``n_gpu_layers`` (0 = CPU), ``lora_path`` (a GGUF LoRA
     adapter), ``seed``, ``flash_attn``, ``quant`` (``q8_0``, ``f16`` or ``f32``: load a copy
     re-quantized to that type, made once by :func:`requantized`; None = the file as it is).
     Chat prompts are formatted with the GGUF's own
@@ -129,7 +142,7 @@ class LlamaCppBackend(Backend):
         if lora_path:
             _check_lora(Path(lora_path))
         avoid_amx_weights()
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or idle_cores()
         self.model_id = str(path)
         asked, quant = quant, resolve_quant(quant, path)
         warnings = []
@@ -145,7 +158,8 @@ class LlamaCppBackend(Backend):
                 quant = None
         self.warnings = tuple(warnings)
         self.options = {"n_ctx": n_ctx, "threads": self.threads, "n_gpu_layers": n_gpu_layers,
-                        "lora_path": lora_path, "flash_attn": flash_attn, "quant": quant}
+                        "lora_path": lora_path, "flash_attn": flash_attn, "quant": quant,
+                        "weights_sha": weights_fingerprint([path, lora_path])}
 
         def load():
             return Llama(model_path=str(load_path), n_ctx=n_ctx, n_threads=self.threads,

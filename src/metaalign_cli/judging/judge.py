@@ -146,8 +146,10 @@ def kept_rows(rows: list[dict], judge: dict, path: str | os.PathLike) -> tuple[d
     from metaalign_cli.resume import provenance_mismatch
 
     if rows:
-        now = {k: v for k, v in judge.items() if k not in ("template_source", "retries", "parser", "version")}
-        why = provenance_mismatch(rows[0].get("judge") or {}, now)
+        then = rows[0].get("judge") or {}
+        now = {k: v for k, v in judge.items() if k not in ("template_source", "retries", "parser", "version")
+               and (k != "weights_sha" or k in then)}  # (a file judged before weights were fingerprinted)
+        why = provenance_mismatch(then, now)
         if why:
             raise InputError(f"its rows were judged with another judge ({why}); cannot resume (use the same judge "
                              "flags, or a new -o file)", source=str(path))
