@@ -1077,8 +1077,10 @@ def train_corrector(cfg: TrainConfig, resume: bool = False,
 
     from metaalign_cli.backends.hf import pick_attention, pick_device
 
-    device = pick_device(cfg.device) if cfg.device == "cuda" else "cuda" if (
-        cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.device == "cuda":
+        device = pick_device("cuda")  # raises when torch sees no CUDA GPU
+    else:
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu"
     precision = pick_precision(cfg, device)
     attn = cfg.attn_implementation or pick_attention(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     pack = cfg.packing == "pack" or (cfg.packing == "auto" and attn == "flash_attention_2")
