@@ -35,7 +35,7 @@ def judge_records(n: int = 3, tag: str = "ok") -> list[dict]:
 
 
 def judge_args(src: Path, url: str, *extra: str) -> tuple[str, ...]:
-    return ("judge", str(src), "-O", "harmless", "--base-url", url, "-m", "fake", "--timeout", "2",
+    return ("judge", str(src), "-O", "harmless", "--base-url", url, "-m", "fake-judge", "--timeout", "2",
             "--api-retries", "0", "--retries", "0", "--concurrency", "2", "--quiet", *extra)
 
 
@@ -100,7 +100,7 @@ def test_credentials_in_base_url_are_never_recorded(tmp_path):
     with FaultServer(lambda p: "1") as srv:
         port = srv.url.split(":")[2].split("/")[0]
         url = f"http://user:{SECRET}@127.0.0.1:{port}/v1"
-        r = run_cli("correct", "-O", "helpful", "--base-url", url, "-m", "fake", "--timeout", "2", "--api-retries", "0",
+        r = run_cli("correct", "-O", "helpful", "--base-url", url, "-m", "fake-judge", "--timeout", "2", "--api-retries", "0",
                     "-q", input=correct_records(2))
         assert r.returncode == 0, r.stderr.decode()
         out = rows_of(r.stdout)
@@ -119,7 +119,7 @@ def test_credentials_in_base_url_are_never_recorded(tmp_path):
 
     # A query-string key, to a server that is down: the errors and kept records are clean too.
     dead = f"http://user:{SECRET}@127.0.0.1:{free_port()}/v1?api-key={QSECRET}&model=x"
-    r = run_cli("correct", "-O", "helpful", "--base-url", dead, "-m", "fake", "--timeout", "1", "--api-retries", "0",
+    r = run_cli("correct", "-O", "helpful", "--base-url", dead, "-m", "fake-judge", "--timeout", "1", "--api-retries", "0",
                 "--on-error", "keep", "-q", input=correct_records(1))
     assert r.returncode == 1
     kept = rows_of(r.stdout)[0]
@@ -144,7 +144,7 @@ def test_resume_refuses_another_server(tmp_path):
     src = write_jsonl(tmp_path / "judge-in.jsonl", judge_records(2))
     with FaultServer(lambda p: "1") as a, FaultServer(lambda p: "2") as b:
         out = tmp_path / "corrected.jsonl"
-        first = ["correct", "-O", "helpful", "-m", "fake", "--api-retries", "0", "-q", "-o", str(out)]
+        first = ["correct", "-O", "helpful", "-m", "fake-judge", "--api-retries", "0", "-q", "-o", str(out)]
         inp = tmp_path / "in.jsonl"
         inp.write_text(correct_records(3), encoding="utf-8")
         one = tmp_path / "one.jsonl"
@@ -213,18 +213,18 @@ def test_null_text_from_the_server_fails_that_record(fmt):
     corrected (exit 1); the default stops there with the records before it written (exit 1)."""
     data = correct_records(3).replace("Question 1?", "Question 1 NULL?")
     with FaultServer(lambda p: None if "NULL" in p else "fixed") as srv:
-        args = ("correct", "-O", "helpful", "--base-url", srv.url, "-m", "fake", "--prompt-format", fmt,
+        args = ("correct", "-O", "helpful", "--base-url", srv.url, "-m", "fake-judge", "--prompt-format", fmt,
                 "--retries", "0", "--concurrency", "1", "-q")
         r = run_cli(*args, "--on-error", "keep", input=data)
         assert r.returncode == 1, r.stderr.decode()
         out = rows_of(r.stdout)
         assert [o.get("corrected") for o in out] == ["fixed", None, "fixed"]
-        assert out[1]["error"] == "<stdin>:2: generation failed: the server answered null text (model fake)"
+        assert out[1]["error"] == "<stdin>:2: generation failed: the server answered null text (model fake-judge)"
         assert "Traceback" not in r.stderr.decode()
         r = run_cli(*args, input=data)
         assert r.returncode == 1
         assert [o["corrected"] for o in rows_of(r.stdout)] == ["fixed"]
-        assert one_line_error(r.stderr) == "error: <stdin>:2: generation failed: the server answered null text (model fake)"
+        assert one_line_error(r.stderr) == "error: <stdin>:2: generation failed: the server answered null text (model fake-judge)"
         assert set(srv.paths) == {"/v1/chat/completions" if fmt == "chat" else "/v1/completions"}
 
 
@@ -399,7 +399,7 @@ def test_stalled_server_costs_timeout_times_attempts():
         for flag in ("--retries", "--api-retries"):
             before = srv.requests
             t0 = time.monotonic()
-            r = run_cli("correct", "-O", "helpful", "--base-url", srv.url, "-m", "fake", "--timeout", "1", flag, "1",
+            r = run_cli("correct", "-O", "helpful", "--base-url", srv.url, "-m", "fake-judge", "--timeout", "1", flag, "1",
                         "--on-error", "keep", "-q", input=correct_records(1))
             took = time.monotonic() - t0
             assert r.returncode == 1
@@ -413,7 +413,7 @@ def test_stalled_server_costs_timeout_times_attempts():
         src = write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / f"stalled-{os.getpid()}.jsonl", judge_records(1))
         before = srv.requests
         t0 = time.monotonic()
-        r = run_cli("judge", str(src), "-O", "harmless", "--base-url", srv.url, "-m", "fake", "--timeout", "1",
+        r = run_cli("judge", str(src), "-O", "harmless", "--base-url", srv.url, "-m", "fake-judge", "--timeout", "1",
                     "--api-retries", "1", "--concurrency", "2", "--no-cache", "-q")
         took = time.monotonic() - t0
         src.unlink()

@@ -143,6 +143,28 @@ def test_loop_guard_cuts_a_numbered_list_loop_but_not_counting(tiny_llama_dir):
         assert out["count", tok]["corrected"] == count
 
 
+def test_a_name_the_local_server_does_not_list_and_a_tokenizer_without_a_context_are_said(tmp_path, tiny_llama_dir):
+    """A local server that lists 'fake-judge' answers any name (llama.cpp's does): `correct` and
+    `judge` warn that the name given is not the one it lists (it is recorded as given).
+    --tokenizer with a server that lists no context length warns that prompts are not fitted
+    unless --max-model-len is given."""
+    (tmp_path / "j.jsonl").write_text(json.dumps({"query": "Q?", "response": "A.", "golden": "G."}) + "\n")
+    note = "the server lists 'fake-judge', not 'gpt-4o'; a server that answers any name (llama.cpp's) is recorded as 'gpt-4o'"
+    tok = "--tokenizer: {url} lists no context length for 'fake-judge', so prompts are not fitted to it"
+    with FaultServer(lambda p: "1") as srv:
+        for args, want in ((("-m", "gpt-4o"), note), (("-m", "fake-judge"), None),
+                           (("-m", "fake-judge", "--tokenizer", str(tiny_llama_dir)), tok.format(url=srv.url)),
+                           (("-m", "fake-judge", "--tokenizer", str(tiny_llama_dir), "--max-model-len", "2048"), None)):
+            r = run_cli("correct", "--base-url", srv.url, "-O", "harmless", "-q", *args, input=records(1))
+            assert r.returncode == 0, r.stderr.decode()
+            warned = [x for x in r.stderr.decode().splitlines() if x.startswith("warning")]
+            assert (len(warned) == 1 and want in warned[0]) if want else warned == [], (args, warned)
+        r = run_cli("judge", str(tmp_path / "j.jsonl"), "-O", "harmless", "--candidate-field", "response",
+                    "--base-url", srv.url, "-m", "gpt-4o", "--no-cache", "-q", "-o", str(tmp_path / "o.jsonl"))
+        assert note in r.stderr.decode(), r.stderr.decode()
+        assert json.loads((tmp_path / "o.jsonl").read_text())["judge"]["model"] == "gpt-4o"
+
+
 def test_secrets_a_server_quotes_back_are_never_written(tmp_path):
     """A gateway whose 401 quotes the request's credentials back (the API key in its
     Authorization or x-api-key header, the base URL's user:password as Basic, a key in its

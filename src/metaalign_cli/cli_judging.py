@@ -127,7 +127,8 @@ def _judge(cfg: JudgeConfig, plan):
                 prog.update(task, completed=n + rep.resumed, calls=rep.calls, hits=rep.cache_hits, invalid=rep.invalid)
 
         try:
-            return run_judge(cfg, plan, on_progress=on_progress, on_model=on_model)
+            return run_judge(cfg, plan, on_progress=on_progress, on_model=on_model,
+                             warn=lambda m: say(f"warning: {m}"))
         except KeyboardInterrupt:  # Ctrl-C: every judgment written so far is a whole line
             more = f"; the same command with --resume continues {cfg.output}" if cfg.output != "-" else ""
             say(f"interrupted{more}")

@@ -58,7 +58,7 @@ class OpenAIBackend(ServerBackend):
         self._openai = openai
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self.loop_tokenizer = self.tokenizer
-        listed = None
+        listed, models = None, []
         if not model or (self.tokenizer is not None and not max_model_len):
             try:
                 models = self.client.models.list().data
@@ -69,8 +69,23 @@ class OpenAIBackend(ServerBackend):
                 raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
             model = model or models[0].id
             listed = next((m for m in models if m.id == model), None)
+        elif self.self_hosted:  # a local server answers any name: say so when it lists others
+            try:
+                models = self.client.models.list().data
+            except (openai.OpenAIError, ValueError):
+                models = []
+            listed = next((m for m in models if m.id == model), None)
+        warnings = []
+        if self.self_hosted and listed is None and models:
+            warnings.append(f"{redact_url(base_url)}: the server lists {', '.join(repr(m.id) for m in models[:5])}, "
+                            f"not '{model}'; a server that answers any name (llama.cpp's) is recorded as '{model}'")
         self.model_id = model
         self._ctx = max_model_len or _listed_context(listed)
+        if self.tokenizer is not None and self._ctx is None:
+            warnings.append(f"--tokenizer: {redact_url(base_url) or 'the server'} lists no context length for "
+                            f"'{model}', so prompts are not fitted to it; pass --max-model-len N (an overlong prompt "
+                            "then fails at the server)")
+        self.warnings = tuple(warnings)
 
     def context_length(self) -> int | None:
         return self._ctx

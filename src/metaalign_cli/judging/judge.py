@@ -160,7 +160,8 @@ def kept_rows(rows: list[dict], judge: dict, path: str | os.PathLike) -> tuple[d
 def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backend | None = None,
               emit: Callable[[dict], None] | None = None,
               on_progress: Callable[[int, JudgeReport], None] | None = None,
-              on_model: Callable[[str], None] | None = None) -> JudgeRun:
+              on_model: Callable[[str], None] | None = None,
+              warn: Callable[[str], None] | None = None) -> JudgeRun:
     """Judge ``cfg.input`` with an LLM judge (Algorithm 2 pairwise win rates, or Appendix E
     scores) and write one row per unit to ``cfg.output`` (``emit`` also sees each row).
 
@@ -168,7 +169,8 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     read ``--resume``'s rows, load the judge (``backend`` given: used as it is), check the
     resumed rows' judge, then ask (cache first; failed calls of the resumed file are asked
     again and the file is rewritten in plan order). ``cfg.dry_run``: count calls, cached calls
-    and input tokens, call nothing. Returns the :class:`JudgeRun`. Raises InputError,
+    and input tokens, call nothing. ``warn`` gets the loaded judge's warnings (a local server
+    that lists another model than the one named). Returns the :class:`JudgeRun`. Raises InputError,
     ConfigError, MetaAlignError as :func:`plan_judge` and the model resolver do.
     """
     from metaalign_cli.models import resolve_config
@@ -190,6 +192,8 @@ def run_judge(cfg: "JudgeConfig", plan: JudgePlan | None = None, backend: Backen
     else:
         be = resolved.load()
     store = None
+    for w in be.warnings if warn else ():  # (a local server that lists another model, a quant fallback)
+        warn(w)
     try:
         info = judge_info(be, plan.options)
         kept, failed = kept_rows(earlier, info, cfg.output)
