@@ -126,9 +126,7 @@ def export_cmd(
     f16)."""
     with cli_errors():
         from metaalign_cli.export import export_gguf
-        from metaalign_cli.correctors import check_install, install_corrector
-
-        from metaalign_cli.correctors import read_card
+        from metaalign_cli.correctors import check_install, install_corrector, read_card
 
         if install is not None:
             check_install(model_dir, install, overwrite)  # before the (slow) export

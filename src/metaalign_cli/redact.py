@@ -61,7 +61,7 @@ def url_secrets(url: str | None) -> list[str]:
         return []
     if "@" in parts.netloc:
         cred = parts.netloc.rsplit("@", 1)[0]
-        user, _, password = unquote(cred).partition(":")
+        password = unquote(cred).partition(":")[2]
         out += [cred, unquote(cred), base64.b64encode(unquote(cred).encode()).decode(), password]
     out += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAMS.search(k)]
     return [s for s in out if s]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -159,7 +159,8 @@ def trim_loop(text: str, max_period: int = 64) -> str:
     """A generation the loop guard stopped, cut to what it said before it began repeating
     (``correct --on-loop trim``): the text up to the end of the first copy of the unit of
     whitespace-separated words its tail repeats (period <= ``max_period`` words; list numbers
-    such as "2." count as equal; the last word may be cut mid-way and is not compared), and within that copy back to its last sentence end
+    such as "2." count as equal; the last word may be cut mid-way and is not compared), and
+    within that copy back to its last sentence end
     (. ! or ?, closing quotes and brackets included; not list numbers, initials or "e.g."-like
     abbreviations) if it has one. Nothing before the repetition is cut. Text whose tail does not
     repeat word for word is only cut back to its last sentence end; text with none comes back
@@ -189,9 +190,9 @@ def trim_loop(text: str, max_period: int = 64) -> str:
 
 def loop_cut(tokens, every: int = 8, kinds: Callable[[Any], int] | None = None) -> int | None:
     """Where the loop guard stops ``tokens`` (a generated sequence): the first length that is a
-    multiple of ``every`` whose tail loops (:func:`is_looping`, with ``kinds``), or None. The local backends
-    check every 8 tokens while generating; backends that can only look afterwards (vLLM,
-    servers) cut there, so a loop ends at the same token everywhere."""
+    multiple of ``every`` whose tail loops (:func:`is_looping`, with ``kinds``), or None. The
+    local backends check every 8 tokens while generating; backends that can only look
+    afterwards (vLLM, servers) cut there, so a loop ends at the same token everywhere."""
     for n in range(every, len(tokens) + 1, every):
         if is_looping(tokens[:n], kinds=kinds):
             return n

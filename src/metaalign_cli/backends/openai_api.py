@@ -58,23 +58,22 @@ class OpenAIBackend(ServerBackend):
         self._openai = openai
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self.loop_tokenizer = self.tokenizer
-        listed, models = None, []
-        if not model or (self.tokenizer is not None and not max_model_len):
+        # The list is needed for the model's name or context; a local server's is read anyway,
+        # since it answers any name (a warning below when it lists others).
+        needed = not model or (self.tokenizer is not None and not max_model_len)
+        models = []
+        if needed or self.self_hosted:
             try:
                 models = self.client.models.list().data
-            except openai.OpenAIError as e:
-                msg = redact_text(str(e), self.secrets())
-                raise MetaAlignError(f"{redact_url(base_url) or 'the OpenAI API'}: cannot list models: {msg}") from None
-            if not models and not model:
-                raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
-            model = model or models[0].id
-            listed = next((m for m in models if m.id == model), None)
-        elif self.self_hosted:  # a local server answers any name: say so when it lists others
-            try:
-                models = self.client.models.list().data
-            except (openai.OpenAIError, ValueError):
-                models = []
-            listed = next((m for m in models if m.id == model), None)
+            except (openai.OpenAIError, ValueError) as e:
+                if needed:
+                    msg = redact_text(str(e), self.secrets())
+                    raise MetaAlignError(f"{redact_url(base_url) or 'the OpenAI API'}: cannot list models: "
+                                         f"{msg}") from None
+        if not models and not model:
+            raise MetaAlignError(f"{redact_url(base_url)}: the server lists no model; pass --model")
+        model = model or models[0].id
+        listed = next((m for m in models if m.id == model), None)
         warnings = []
         if self.self_hosted and listed is None and models:
             warnings.append(f"{redact_url(base_url)}: the server lists {', '.join(repr(m.id) for m in models[:5])}, "
